@@ -1,0 +1,16 @@
+"""The model family as plain PyTorch modules (``fine_infer.models``).
+
+``create(arch, preset="tiny"|"paper", **overrides)`` builds any registered arch; ``list_archs()`` names them.
+"""
+
+from fine_infer.models._registry import (
+    ZooModel,
+    config_from_dict,
+    config_to_dict,
+    create,
+    get_arch,
+    list_archs,
+    make_config,
+)
+
+__all__ = ["ZooModel", "config_from_dict", "config_to_dict", "create", "get_arch", "list_archs", "make_config"]

@@ -1,0 +1,114 @@
+"""Plain-data descriptions shared by models, export, the bundle and the runtime (no torch here).
+
+A :class:`GraphSpec` names a graph's inputs and outputs with dtypes and shapes; a shape entry is an int or an
+axis name (``"batch"``, ``"sequence"``) that is dynamic in the exported graph. The preprocess specs say how raw
+images and strings become those inputs; they are written to the bundle manifest and read back by the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, shape (ints or dynamic axis names)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """An inference graph. ``task`` is one of ``embed_image``, ``embed_text``, ``compose``, ``classify``."""
+
+    name: str
+    task: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Per input/output name, the axes that are dynamic, by index."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*self.inputs, *self.outputs)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        return cls(
+            d["name"],
+            d["task"],
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How an RGB image becomes a normalised CHW float32 tensor.
+
+    ``resize="exact"`` resizes straight to ``size``×``size`` (aspect not kept; Fashion-FINE);
+    ``resize="shorter"`` resizes the shorter side to ``size`` and centre-crops ``crop``×``crop`` (ImageNet/CLIP).
+    """
+
+    size: int
+    crop: int
+    resize: str = "shorter"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocess":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """How strings become ``input_ids``/``attention_mask`` (int64, shape (batch, sequence)).
+
+    ``tokenizer`` is ``wordpiece`` (BERT), ``bpe`` (CLIP) or ``word`` (MAAF's word vocabulary); the tokenizer itself
+    ships in the bundle as ``tokenizer.json``. ``padding="max_length"`` pads every batch to ``max_length`` (needed
+    where the model pools over padding, as Fashion-FINE's paper does); ``"longest"`` pads to the longest text.
+    """
+
+    tokenizer: str
+    max_length: int
+    padding: str = "longest"
+    pad_id: int = 0
+    first_word_id: int = 0  # ids below this are special tokens; example inputs draw above it
+    lowercase: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TextPreprocess":
+        return cls(**d)

@@ -1,0 +1,206 @@
+"""Tokenizers for the three text front-ends of the model family, and the one function that encodes strings.
+
+All three are ``tokenizers.Tokenizer`` objects, so a bundle ships one ``tokenizer.json`` and the runtime needs
+neither torch nor transformers:
+
+- ``wordpiece``: BERT's (Fashion-FINE): lowercase, ``[CLS] … [SEP]``, ``[PAD]`` = 0.
+- ``bpe``: CLIP's byte-level BPE (RAF): ``<|startoftext|> … <|endoftext|>``, pad = 0.
+- ``word``: MAAF's word vocabulary: lowercase, punctuation dropped, whitespace split, ``<pad>`` = 0, ``<unk>`` = 1.
+
+Without an official vocabulary file, each is built from :data:`BUILTIN_WORDS` (the tiny presets and the demo).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fine_infer.errors import ConfigError, InputError
+from fine_infer.specs import TextPreprocess
+
+# The words of the generated catalogue's captions and relative captions (and a few more), so the tiny
+# tokenizers cover the demo's queries with whole-word tokens.
+BUILTIN_WORDS: tuple[str, ...] = tuple(
+    """
+    a an the with and or of in on to for it is are make change more less same but not no without instead than
+    this that has have its into made replace add remove turn keep different other like
+    red orange yellow green blue navy purple pink brown black white grey gray beige cream gold silver khaki
+    light dark bright pale deep
+    solid plain stripes striped stripe dots dotted dot polka checks checked check checkered plaid floral print
+    printed pattern patterned pinstripe
+    dress shirt t-shirt tshirt tee skirt trousers pants jeans jacket coat shoe shoes sneaker boot boots bag handbag
+    hat scarf sweater hoodie blouse top shorts sock socks belt sandal heels
+    short long sleeve sleeves sleeveless collar collared neck v-neck round mini midi maxi slim loose fit fitted
+    casual formal party summer winter cotton denim leather wool silk knit
+    small large big tiny wide narrow tall
+    background centre center left right up down
+    """.split()
+)
+
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_CLIP_SPECIALS = ("<pad>", "<|startoftext|>", "<|endoftext|>")
+_WORD_SPECIALS = ("<pad>", "<unk>")
+MAX_TEXT_CHARS = 4096  # bound the work one string can cost before tokenizing
+
+
+def _chars() -> list[str]:
+    return list("abcdefghijklmnopqrstuvwxyz0123456789-'.,!?&/")
+
+
+def wordpiece_tokenizer(max_length: int, vocab_file: str | Path | None = None, padding: str = "max_length"):
+    """A BERT WordPiece tokenizer from ``vocab_file`` (one token per line, BERT's ``vocab.txt``) or built-in words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    if vocab_file is not None:
+        tokens = Path(vocab_file).read_text(encoding="utf-8").splitlines()
+    else:
+        words = sorted(set(BUILTIN_WORDS))
+        tokens = [*_BERT_SPECIALS, *_chars(), *("##" + c for c in _chars()), *words]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
+        if special not in vocab:
+            raise ConfigError(f"WordPiece vocabulary {vocab_file} has no {special} token")
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return _with_limits(tok, max_length, vocab["[PAD]"], "[PAD]", padding)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte -> printable-unicode table (as in its simple_tokenizer).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def bpe_tokenizer(max_length: int, merges_file: str | Path | None = None, padding: str = "longest"):
+    """A CLIP-style BPE tokenizer from CLIP's ``bpe_simple_vocab_16e6.txt.gz`` merges, or trained on built-in words.
+
+    Ids follow this module's convention (pad 0, start 1, end 2, then CLIP's vocabulary order), so a real CLIP
+    checkpoint's token embedding needs the matching row permutation; the arch's checkpoint filter owns that.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if merges_file is not None:
+        opener = gzip.open if str(merges_file).endswith(".gz") else open
+        with opener(merges_file, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in lines if m.strip()]
+        base = list(_bytes_to_unicode().values())
+        tokens = [*_CLIP_SPECIALS, *base, *(c + "</w>" for c in base), *("".join(m) for m in merges)]
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None))
+    else:
+        tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    if merges_file is None:
+        trainer = trainers.BpeTrainer(
+            vocab_size=1024, special_tokens=list(_CLIP_SPECIALS), end_of_word_suffix="</w>", show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator([" ".join(BUILTIN_WORDS)] * 4, trainer=trainer)
+    start, end = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", start), ("<|endoftext|>", end)]
+    )
+    return _with_limits(tok, max_length, tok.token_to_id("<pad>"), "<pad>", padding)
+
+
+def word_tokenizer(max_length: int, words: Sequence[str] | None = None, padding: str = "longest"):
+    """MAAF's word-level tokenizer: lowercase, punctuation dropped, whitespace split, unknown words → ``<unk>``."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    words = sorted(set(w.lower() for w in (words or BUILTIN_WORDS)) - set(_WORD_SPECIALS))
+    vocab = {t: i for i, t in enumerate([*_WORD_SPECIALS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s\-']"), " ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _with_limits(tok, max_length, 0, "<pad>", padding)
+
+
+def _with_limits(tok, max_length: int, pad_id: int, pad_token: str, padding: str):
+    if padding not in ("max_length", "longest"):
+        raise ConfigError(f"padding must be 'max_length' or 'longest', not {padding!r}")
+    tok.no_truncation()
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_length if padding == "max_length" else None)
+    return tok
+
+
+def build_tokenizer(spec: TextPreprocess, vocab_file: str | Path | None = None):
+    """The tokenizer a :class:`TextPreprocess` describes (built-in vocabulary unless ``vocab_file`` is given)."""
+    if spec.tokenizer == "wordpiece":
+        return wordpiece_tokenizer(spec.max_length, vocab_file, spec.padding)
+    if spec.tokenizer == "bpe":
+        return bpe_tokenizer(spec.max_length, vocab_file, spec.padding)
+    if spec.tokenizer == "word":
+        words = Path(vocab_file).read_text(encoding="utf-8").split() if vocab_file else None
+        return word_tokenizer(spec.max_length, words, spec.padding)
+    raise ConfigError(f"unknown tokenizer kind {spec.tokenizer!r}; expected wordpiece, bpe or word")
+
+
+def load_tokenizer(path: str | Path):
+    """Read a ``tokenizer.json`` written by :func:`save_tokenizer`."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Encode strings to ``(input_ids, attention_mask)``, both int64 of shape (batch, sequence).
+
+    Empty texts are refused. A text longer than ``spec.max_length`` tokens is refused unless ``truncate`` is set
+    (then it is cut, keeping the end token), so a query is never silently shortened.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if len(texts) == 0:
+        raise InputError("no texts given: pass at least one string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"text {i} is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise InputError(f"text {i} is empty: give at least one word")
+        if len(t) > MAX_TEXT_CHARS:
+            raise InputError(f"text {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS}")
+    encodings = tokenizer.encode_batch(list(texts))
+    L = spec.max_length
+    rows = []
+    for i, enc in enumerate(encodings):
+        ids = [x for x, m in zip(enc.ids, enc.attention_mask) if m]
+        if len(ids) > L:
+            if not truncate:
+                raise InputError(
+                    f"text {i} has {len(ids)} tokens; this model takes at most {L} (shorten it or pass truncate=True)"
+                )
+            ids = ids[: L - 1] + ids[-1:]
+        rows.append(ids)
+    width = L if spec.padding == "max_length" else max(len(r) for r in rows)
+    input_ids = np.full((len(rows), width), spec.pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return input_ids, mask
+
+
+def vocab_size(tokenizer) -> int:
+    """Number of ids the tokenizer can emit (including special tokens)."""
+    return tokenizer.get_vocab_size(with_added_tokens=True)
