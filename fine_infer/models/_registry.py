@@ -58,6 +58,11 @@ class ZooModel(nn.Module):
         return None
 
     @property
+    def class_labels(self) -> dict[str, list[str]] | None:
+        """For classifiers: per output name, the label of each logit (None for embedding models)."""
+        return None
+
+    @property
     def embed_dim(self) -> int | None:
         """Dimension of the L2-normalised embeddings (None for classifiers)."""
         return None
