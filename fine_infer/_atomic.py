@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe later on.
+_UMASK = _current_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temp file in ``path``'s folder for binary writing; on success fsync it and rename it over ``path``.
@@ -18,6 +30,7 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; the result should look like any other written file
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -1,0 +1,196 @@
+"""A loaded bundle: preprocessing, tokenisation and one runner per graph behind ``embed_*``/``compose``/``classify``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fine_infer.bundle import Bundle, read_bundle
+from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
+from fine_infer.preprocess import ImageInput, preprocess_images
+from fine_infer.runtime.base import Runner
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+MAX_BATCH = 1024  # bound one call's work; larger inputs should be chunked by the caller
+
+
+class Session:
+    """Runs a bundle. Create with :func:`fine_infer.load`.
+
+    Every method takes a batch and returns float32 numpy arrays; embeddings are L2-normalised rows.
+    Runners are created on first use of their graph and are safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "auto",
+        providers: Sequence[str] | None = None,
+        device: str = "cpu",
+        kernels: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.backend = "onnxruntime" if backend == "auto" else backend
+        self._providers = providers
+        self._device = device
+        self._kernels = kernels
+        self._threads = threads
+        self._runners: dict[str, Runner] = {}
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._model = None
+
+    # --- runners ------------------------------------------------------------------------------------------------
+    def runner(self, graph: str) -> Runner:
+        """The runner of ``graph`` (created on first use)."""
+        with self._lock:
+            if graph not in self._runners:
+                self._runners[graph] = self._make_runner(graph)
+            return self._runners[graph]
+
+    def _make_runner(self, graph: str) -> Runner:
+        entry = self.bundle.graph(graph)
+        if self.backend == "onnxruntime":
+            from fine_infer.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+            return OnnxRuntimeRunner(entry.spec, self.bundle.file(entry.file), self._providers, self._threads)
+        from fine_infer.runtime.torch_runner import TorchRunner, model_from_bundle
+
+        if self._model is None:
+            self._model = model_from_bundle(self.bundle)
+        return TorchRunner(entry.spec, self._model, self._device, self._kernels)
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """Per graph that has run, what actually executes it (the provider in use, not merely an available one)."""
+        return {name: r.provider for name, r in self._runners.items()}
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run ``graph`` on raw inputs (already preprocessed); outputs by name."""
+        batch = _batch_of(feeds)
+        if batch > MAX_BATCH:
+            raise InputError(f"batch of {batch} exceeds the limit of {MAX_BATCH}; split it into smaller calls")
+        return self.runner(graph).run(feeds)
+
+    # --- preprocessing ------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The bundle's tokenizer (None for image-only bundles)."""
+        if self._tokenizer is None and self.manifest.tokenizer:
+            from fine_infer.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.bundle.file(self.manifest.tokenizer))
+        return self._tokenizer
+
+    def preprocess_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Images → ``pixels`` exactly as the manifest's preprocessing says."""
+        if self.manifest.image is None:
+            raise ConfigError(f"bundle {self.bundle.path} takes no images")
+        return preprocess_images(images, self.manifest.image)
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Strings → ``(input_ids, attention_mask)`` exactly as the manifest's tokenisation says."""
+        from fine_infer.tokenization import encode
+
+        if self.manifest.text is None or self.tokenizer is None:
+            raise ConfigError(f"bundle {self.bundle.path} takes no text")
+        return encode(self.tokenizer, texts, self.manifest.text, truncate=truncate)
+
+    # --- tasks --------------------------------------------------------------------------------------------------
+    def _single_output(self, task: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        entry = self.bundle.graph_for_task(task)
+        out = self.run(entry.spec.name, feeds)
+        return out[entry.spec.outputs[0].name]
+
+    def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Embed images (paths, bytes, PIL images or uint8 arrays): float32 (B, D), unit rows."""
+        return self._single_output("embed_image", {"pixels": self.preprocess_images(images)})
+
+    def embed_texts(self, texts: Sequence[str], truncate: bool = False) -> np.ndarray:
+        """Embed strings: float32 (B, D), unit rows."""
+        ids, mask = self.tokenize(texts, truncate)
+        return self._single_output("embed_text", {"input_ids": ids, "attention_mask": mask})
+
+    def compose(self, images: Sequence[ImageInput], texts: Sequence[str], truncate: bool = False) -> np.ndarray:
+        """Composed-retrieval queries (reference image + modification text): float32 (B, D), unit rows."""
+        if isinstance(texts, str):
+            texts = [texts]
+        pixels = self.preprocess_images(images)
+        if len(pixels) != len(texts):
+            raise InputError(f"compose needs one text per image; got {len(pixels)} images and {len(texts)} texts")
+        ids, mask = self.tokenize(texts, truncate)
+        return self._single_output("compose", {"pixels": pixels, "input_ids": ids, "attention_mask": mask})
+
+    def classify(self, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
+        """Per image, per attribute head: the predicted label, its probability and all probabilities."""
+        entry = self.bundle.graph_for_task("classify")
+        out = self.run(entry.spec.name, {"pixels": self.preprocess_images(images)})
+        labels = self.manifest.class_labels or {}
+        results: list[dict[str, Any]] = [{} for _ in range(len(next(iter(out.values()))))]
+        for name, logits in out.items():
+            z = logits - logits.max(axis=1, keepdims=True)
+            probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            names = labels.get(name) or [str(i) for i in range(logits.shape[1])]
+            for i, p in enumerate(probs):
+                j = int(p.argmax())
+                results[i][name] = {"label": names[j], "score": float(p[j]),
+                                    "scores": {n: float(v) for n, v in zip(names, p)}}
+        return results
+
+    def embed(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
+        """Embed whatever the bundle's graphs allow: images, texts, or both together (composed query)."""
+        if images is not None and texts is not None:
+            return self.compose(images, texts)
+        if images is not None:
+            return self.embed_images(images)
+        if texts is not None:
+            return self.embed_texts(texts)
+        raise InputError("give images, texts or both")
+
+    def close(self) -> None:
+        """Release every runner."""
+        for r in self._runners.values():
+            r.close()
+        self._runners.clear()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Session({str(self.bundle.path)!r}, arch={m.arch or m.source!r}, backend={self.backend!r})"
+
+
+def _batch_of(feeds: dict[str, np.ndarray]) -> int:
+    for v in feeds.values():
+        return int(np.shape(v)[0]) if np.ndim(v) else 1
+    return 0
+
+
+def load(
+    bundle: str | Path,
+    backend: str = "auto",
+    *,
+    providers: Sequence[str] | None = None,
+    device: str = "cpu",
+    kernels: bool = False,
+    threads: int | None = None,
+    verify: bool = True,
+) -> Session:
+    """Open a bundle for inference, verifying every file's sha256 first.
+
+    ``backend``: ``"auto"`` (ONNX Runtime, on CUDA where its provider really runs), ``"onnxruntime"`` or
+    ``"torch"`` (the zoo model in eager PyTorch, with the fused Triton kernels when ``kernels=True``).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise BackendUnavailableError("backend 'torch' needs PyTorch: pip install 'fine-infer[export]'") from None
+    return Session(read_bundle(bundle, verify=verify), backend, providers, device, kernels, threads)
