@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -38,7 +39,9 @@ def _describe(x: Any, i: int) -> str:
 
 def _open_checked(data: bytes | str | os.PathLike, what: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit applies below
+            img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     except Image.DecompressionBombError as exc:
         raise InputError(f"{what} is too large to decode ({exc}); the limit is {MAX_IMAGE_PIXELS} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -1,0 +1,298 @@
+"""The ``fine-infer`` command line: a thin layer over the Python API.
+
+Every command prints one clear line and exits non-zero on a :class:`FineInferError` (``--debug`` shows the
+traceback). Commands whose optional dependency is missing say what to install instead of failing to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fine_infer.errors import ConfigError, FineInferError, InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=float))
+
+
+def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# --- export / validate / info --------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a zoo arch or a user module to a bundle, behind the checker and parity gates."""
+    from fine_infer.export import GateFailure, export_arch, export_module, load_factory, parse_dynamic_axes
+
+    if bool(args.arch) == bool(args.module):
+        raise ConfigError("give exactly one of --arch (a zoo arch) or --module (pkg.mod:factory)")
+    common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force)
+    try:
+        if args.arch:
+            report = export_arch(
+                args.arch, args.out, args.preset, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                overrides=_parse_overrides(args.set), graphs=args.graphs, include_weights=not args.no_weights, **common,
+            )
+        else:
+            module, example = load_factory(args.module)
+            report = export_module(
+                module, example, args.out, dynamic_axes=parse_dynamic_axes(args.dynamic_axis), source=args.module,
+                graph_name=args.graph_name, **common,
+            )
+    except GateFailure as failure:
+        if args.json:
+            _print_json(failure.report.to_dict())
+        raise
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(f"wrote {args.out} in {report.seconds:.1f} s; every gate passed")
+        for line in report.summary_lines():
+            print("  " + line)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Verify a bundle's checksums and re-run parity (ONNX Runtime vs PyTorch) on fresh random inputs."""
+    from fine_infer.validate import validate_bundle
+
+    report = validate_bundle(args.bundle, atol=args.atol)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{args.bundle}: checksums ok; " + report["summary"])
+    return 0 if report["passed"] else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a bundle: arch, graphs with their inputs/outputs, preprocessing, versions, validation."""
+    from fine_infer.bundle import read_bundle
+
+    bundle = read_bundle(args.bundle, verify=not args.no_verify)
+    m = bundle.manifest
+    if args.json:
+        _print_json(m.to_dict())
+        return 0
+    print(f"bundle   {bundle.path}  (format {m.format_version}, checksums {'verified' if not args.no_verify else 'not checked'})")
+    print(f"source   {m.arch or m.source}" + (f" preset {m.preset}" if m.preset else "") +
+          (f", embedding dim {m.embed_dim}" if m.embed_dim else ""))
+    for name, g in m.graphs.items():
+        sig = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.inputs)
+        outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.outputs)
+        print(f"graph    {name} [{g.spec.task}] {g.file} opset {g.opset}: ({sig}) -> ({outs})")
+    if m.image:
+        i = m.image
+        print(f"images   resize {i.resize} {i.size} {i.interpolation}, crop {i.crop}, mean {i.mean}, std {i.std}")
+    if m.text:
+        t = m.text
+        print(f"text     {t.tokenizer}, max {t.max_length} tokens, padding {t.padding}")
+    v = m.validation
+    if v:
+        print(f"gates    {'passed' if v.get('passed') else 'FAILED'} at atol {v.get('tolerance', {}).get('atol')}, "
+              f"batches {v.get('batch_sizes')}")
+    print("versions " + ", ".join(f"{k} {val}" for k, val in m.versions.items()))
+    return 0
+
+
+# --- embed / index / search ----------------------------------------------------------------------------------------
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed images and/or texts; prints JSON or writes a .npy file."""
+    import numpy as np
+
+    import fine_infer
+
+    session = fine_infer.load(args.bundle, backend=args.backend)
+    vectors = session.embed(images=args.image, texts=args.text)
+    if args.out:
+        np.save(args.out, vectors)
+        print(f"wrote {vectors.shape[0]}×{vectors.shape[1]} embeddings to {args.out}")
+    else:
+        _print_json({"provider": session.providers, "embeddings": vectors.round(6).tolist()})
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Embed a folder of images into an index file (or extend one with --add)."""
+    import fine_infer
+    from fine_infer.index import Index
+
+    files = _image_files(Path(args.folder))
+    session = fine_infer.load(args.bundle, backend=args.backend)
+    out = Path(args.out)
+    if args.add:
+        index = Index.load(out)
+        start = int(max(index.ids(), default=-1)) + 1
+    else:
+        if out.exists() and not args.force:
+            raise ConfigError(f"{out} already exists; pass --add to extend it or --force to replace it")
+        index = None
+        start = 0
+    t0 = time.perf_counter()
+    for lo in range(0, len(files), args.batch_size):
+        chunk = files[lo : lo + args.batch_size]
+        vectors = session.embed_images(chunk)
+        if index is None:
+            index = Index(vectors.shape[1], dtype=args.dtype)
+        ids = list(range(start + lo, start + lo + len(chunk)))
+        index.add(vectors, ids, metadata=[{"path": str(p.resolve())} for p in chunk])
+    index.attrs["bundle"] = str(Path(args.bundle).resolve())
+    index.save(out)
+    print(f"indexed {len(files)} images in {time.perf_counter() - t0:.1f} s → {out} ({len(index)} items, {args.dtype})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search an index by text, image, or both (composed retrieval)."""
+    import fine_infer
+    from fine_infer.index import Index
+
+    index = Index.load(args.index)
+    bundle = args.bundle or index.attrs.get("bundle")
+    if not bundle:
+        raise ConfigError(f"{args.index} does not record its bundle; pass --bundle")
+    if not args.text and not args.image:
+        raise ConfigError("give --text, --image or both")
+    session = fine_infer.load(bundle, backend=args.backend)
+    query = session.embed(images=[args.image] if args.image else None, texts=[args.text] if args.text else None)
+    scores, ids = index.search(query, args.k)
+    hits = [{"id": int(i), "score": float(s), **(index.get_metadata(int(i)) or {})}
+            for s, i in zip(scores[0], ids[0]) if i >= 0]
+    if args.json:
+        _print_json({"query": {"text": args.text, "image": args.image}, "hits": hits})
+    else:
+        for rank, h in enumerate(hits, 1):
+            print(f"{rank:>3}. {h['score']:.4f}  {h.get('path', h['id'])}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default: export a tiny Fashion-FINE bundle, index a generated catalogue, search, time it."""
+    from fine_infer.demo import run_demo
+
+    return run_demo(workdir=args.workdir, items=args.items)
+
+
+# --- parser --------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(prog="fine-infer", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=fn.__doc__)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    e = add("export", cmd_export, "export a zoo arch or a user module to a bundle (ONNX + manifest)")
+    src = e.add_argument_group("source (one of)")
+    src.add_argument("--arch", help="zoo arch: fashion-fine, maaf, raf, triplet, attributes")
+    src.add_argument("--module", help="user encoder as pkg.mod:factory; factory() returns (module, {name: tensor})")
+    e.add_argument("--preset", default="tiny", help="tiny (seconds on CPU) or paper (the publication's sizes)")
+    e.add_argument("--checkpoint", help="weights: .safetensors or a torch file (loaded with weights_only=True)")
+    e.add_argument("--pretrained", action="store_true", help="load the weights shipped with the package")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    e.add_argument("--graphs", nargs="+", help="export only these graphs (default: all of the arch)")
+    e.add_argument("--dynamic-axis", action="append", metavar="NAME:DIM[=AXIS]",
+                   help="with --module: make dim DIM of input NAME dynamic (axis 0 always is)")
+    e.add_argument("--graph-name", default="model", help="with --module: the graph's name in the bundle")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    e.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"], help="torch.onnx exporter")
+    e.add_argument("--atol", type=float, default=None, help="parity gate: max abs error (default 1e-4)")
+    e.add_argument("--no-weights", action="store_true", help="leave weights.safetensors out (no torch backend)")
+    e.add_argument("--json", action="store_true", help="print the export report as JSON")
+
+    v = add("validate", cmd_validate, "verify checksums and re-run the parity gate on fresh inputs")
+    v.add_argument("bundle")
+    v.add_argument("--atol", type=float, default=None)
+    v.add_argument("--json", action="store_true")
+
+    i = add("info", cmd_info, "describe a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the manifest")
+    i.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+
+    for name, fn, text in (("embed", cmd_embed, "embed images and/or texts"),):
+        sp = add(name, fn, text)
+        sp.add_argument("bundle")
+        sp.add_argument("--image", nargs="+", help="image files")
+        sp.add_argument("--text", nargs="+", help="texts (one per image for composed queries)")
+        sp.add_argument("--out", help="write a .npy file instead of printing JSON")
+        sp.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+
+    x = add("index", cmd_index, "embed a folder of images into an index file")
+    x.add_argument("bundle")
+    x.add_argument("folder")
+    x.add_argument("--out", required=True, help="index file to write")
+    x.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
+    x.add_argument("--add", action="store_true", help="extend an existing index")
+    x.add_argument("--force", action="store_true", help="replace an existing index")
+    x.add_argument("--batch-size", type=int, default=16)
+    x.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+
+    s = add("search", cmd_search, "search an index by text and/or image")
+    s.add_argument("index")
+    s.add_argument("--bundle", help="bundle to embed the query (default: the one the index was built with)")
+    s.add_argument("--text")
+    s.add_argument("--image")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+
+    d = add("demo", cmd_demo, "tiny end-to-end demo: export, index a generated catalogue, search, time")
+    d.add_argument("--workdir", help="where to write the bundle and index (default: a temp folder)")
+    d.add_argument("--items", type=int, default=48, help="catalogue size")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fine-infer`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except FineInferError as exc:
+        if args.debug:
+            raise
+        print(f"fine-infer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if args.debug:
+            raise
+        print(f"fine-infer {args.command}: error: missing dependency ({exc}); "
+              "install the extra it needs, e.g. pip install 'fine-infer[export]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

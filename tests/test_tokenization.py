@@ -1,0 +1,47 @@
+"""Tokenizers of the three text front-ends and the encode bounds."""
+
+import numpy as np
+import pytest
+
+from fine_infer.errors import InputError
+from fine_infer.specs import TextPreprocess
+from fine_infer.tokenization import build_tokenizer, encode, load_tokenizer, vocab_size
+
+
+@pytest.mark.parametrize("kind,first", [("wordpiece", 5), ("bpe", 3), ("word", 2)])
+def test_known_words_encode_without_unknowns_and_roundtrip_through_json(tmp_path, kind, first):
+    spec = TextPreprocess(kind, 16, "longest", first_word_id=first)
+    tok = build_tokenizer(spec)
+    ids, mask = encode(tok, ["a red striped dress", "make it blue"], spec)
+    assert ids.dtype == np.int64 and mask.dtype == np.int64 and ids.shape == mask.shape
+    assert mask[0].sum() > mask[1].sum() - 2 and (ids[mask == 0] == 0).all()
+    unk = tok.token_to_id("[UNK]") if kind == "wordpiece" else tok.token_to_id("<unk>")
+    if unk is not None:
+        assert unk not in ids[mask == 1]
+    tok.save(str(tmp_path / "t.json"))
+    again = load_tokenizer(tmp_path / "t.json")
+    np.testing.assert_array_equal(encode(again, ["a red striped dress", "make it blue"], spec)[0], ids)
+    assert ids.max() < vocab_size(tok) <= 1024
+
+
+def test_max_length_padding_fills_every_row():
+    spec = TextPreprocess("wordpiece", 12, "max_length")
+    ids, mask = encode(build_tokenizer(spec), ["dress"], spec)
+    assert ids.shape == (1, 12) and mask[0].tolist() == [1, 1, 1] + [0] * 9
+
+
+def test_empty_overlong_and_wrong_types_are_refused_or_truncated_on_request():
+    spec = TextPreprocess("word", 4, "longest")
+    tok = build_tokenizer(spec)
+    with pytest.raises(InputError, match="text 1 is empty"):
+        encode(tok, ["dress", "   "], spec)
+    with pytest.raises(InputError, match="text 0 has 6 tokens; this model takes at most 4"):
+        encode(tok, ["a red striped dress with dots"], spec)
+    ids, mask = encode(tok, ["a red striped dress with dots"], spec, truncate=True)
+    assert ids.shape == (1, 4) and mask.all()
+    with pytest.raises(InputError, match="not a string"):
+        encode(tok, [3], spec)
+    with pytest.raises(InputError, match="no texts"):
+        encode(tok, [], spec)
+    with pytest.raises(InputError, match="characters"):
+        encode(tok, ["dress " * 2000], spec)
