@@ -1,0 +1,82 @@
+"""The command line as a user runs it: real processes, real files, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fine_infer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ff"
+    r = run("export", "--arch", "fashion-fine", "--preset", "tiny", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "every gate passed" in r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_help_on_every_command():
+    for cmd in ("export", "validate", "info", "embed", "index", "search", "demo"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "usage: fine-infer " + cmd in r.stdout
+
+
+def test_info_and_validate(bundle):
+    r = run("info", str(bundle))
+    assert r.returncode == 0 and "fashion-fine" in r.stdout and "graph    image" in r.stdout
+    r = run("validate", str(bundle), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["passed"] and set(rep["graphs"]) == {"image", "text"}
+    assert all(g["max_abs"] < 1e-4 for g in rep["graphs"].values())
+
+
+def test_embed_index_search_roundtrip(bundle, image_folder, tmp_path):
+    r = run("embed", str(bundle), "--text", "a red dress", "--out", str(tmp_path / "t.npy"))
+    assert r.returncode == 0, r.stderr
+    vec = np.load(tmp_path / "t.npy")
+    assert vec.shape[0] == 1 and abs(np.linalg.norm(vec) - 1) < 1e-5
+    index = tmp_path / "cat.fidx"
+    r = run("index", str(bundle), str(image_folder), "--out", str(index))
+    assert r.returncode == 0, r.stderr
+    r = run("index", str(bundle), str(image_folder), "--out", str(index))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    # searching with an image of the catalogue finds that very image first
+    r = run("search", str(index), "--image", str(image_folder / "img3.png"), "--k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)["hits"]
+    assert len(hits) == 3 and hits[0]["path"].endswith("img3.png") and hits[0]["score"] > 0.999
+    r = run("search", str(index), "--text", "a blue shirt", "--k", "10")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 5
+
+
+def test_bad_inputs_are_one_line_errors(bundle, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    for args, needle in (
+        (("embed", str(bundle), "--image", str(bad)), "not a readable image"),
+        (("embed", str(bundle), "--text", "   "), "text 0 is empty"),
+        (("info", str(tmp_path)), "not a bundle"),
+        (("embed", str(bundle), "--text", "dress " * 100), "tokens"),
+    ):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stdout)
+        assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
