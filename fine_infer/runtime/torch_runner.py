@@ -30,7 +30,8 @@ def model_from_bundle(bundle: Bundle):
     m = bundle.manifest
     if not m.arch or not m.weights:
         raise BackendUnavailableError(
-            f"bundle {bundle.path} was exported from {m.source or 'a user module'}; only zoo archs can run on torch"
+            f"bundle {bundle.path} was exported from a user module ({m.source}); only zoo archs can run on the torch "
+            "backend (use backend='onnxruntime')"
         )
     config = config_from_dict(m.arch, m.config or {})
     model = get_arch(m.arch).model_cls(config)
