@@ -55,20 +55,23 @@ class ResNet(nn.Module):
     """A ResNet trunk without its classifier; :meth:`forward` returns the outputs of the four stages.
 
     ``layers`` is the number of bottleneck blocks per stage, ``width`` the planes of stage 1 (64 for ResNet-50);
-    stage ``i`` outputs ``width * 2**(i-1) * 4`` channels at stride ``2**(i+1)``.
+    stage ``i`` outputs ``width * 2**(i-1) * 4`` channels at stride ``2**(i+1)``. ``num_stages`` < 4 builds only
+    the first stages (yahoo/maaf deletes the layers after the last one it reads).
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64) -> None:
+    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64, num_stages: int = 4) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"ResNet needs 4 stages, got layers={tuple(layers)}")
+        if not 1 <= num_stages <= 4:
+            raise ValueError(f"num_stages must be 1..4, got {num_stages}")
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         inplanes = width
         self.stage_channels: list[int] = []
-        for i, n in enumerate(layers):
+        for i, n in enumerate(layers[:num_stages]):
             planes = width * 2**i
             blocks = []
             for j in range(n):
@@ -78,10 +81,10 @@ class ResNet(nn.Module):
             self.stage_channels.append(inplanes)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x`` (B, 3, H, W) → ``[layer1, layer2, layer3, layer4]`` feature maps."""
+        """``x`` (B, 3, H, W) → the feature map of each built stage (``[layer1, …, layer4]``)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs = []
-        for i in range(1, 5):
+        for i in range(1, len(self.stage_channels) + 1):
             x = getattr(self, f"layer{i}")(x)
             outs.append(x)
         return outs
@@ -113,7 +116,11 @@ class ClipBottleneck(nn.Module):
         if stride > 1 or inplanes != out:
             self.downsample = nn.Sequential(
                 OrderedDict(
-                    [("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(inplanes, out, 1, bias=False)), ("1", nn.BatchNorm2d(out))]
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
+                        ("1", nn.BatchNorm2d(out)),
+                    ]
                 )
             )
 
@@ -218,11 +225,6 @@ class ConvProjection(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys starting with ``prefix`` with it removed (others dropped)."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 __all__ = [
     "AttentionPool2d",
     "Bottleneck",
@@ -230,5 +232,4 @@ __all__ = [
     "ConvProjection",
     "ModifiedResNet",
     "ResNet",
-    "strip_prefix",
 ]
