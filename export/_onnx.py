@@ -108,6 +108,7 @@ def normalise_signature(path: str | Path, spec: GraphSpec) -> None:
 
     model = onnx.load(os.fspath(path))
     del model.graph.value_info[:]
+    _rename_internal_clashes(model.graph, {o.name for o in model.graph.output})
     by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
     for vi in (*model.graph.input, *model.graph.output):
         t = by_name.get(vi.name)
@@ -124,6 +125,28 @@ def normalise_signature(path: str | Path, spec: GraphSpec) -> None:
                 d.ClearField("dim_param")
                 d.dim_value = want
     onnx.save(model, os.fspath(path))
+
+
+def _rename_internal_clashes(graph, outputs: set[str]) -> None:
+    """Give a fresh name to an intermediate value or initializer that shares a graph output's name.
+
+    The dynamo exporter names values after the aten op that made them (``aten.embedding`` → "embedding"), so a
+    graph output called "embedding" can collide with one and break single assignment. The last writer (in
+    topological order) produces the output; earlier writers and the readers before it get ``<name>__internal``."""
+    for name in outputs:
+        writers = [n for n in graph.node if name in n.output]
+        inits = [i for i in graph.initializer if i.name == name]
+        if len(writers) + len(inits) <= 1:
+            continue
+        internal = f"{name}__internal"
+        for init in inits:
+            init.name = internal
+        final = writers[-1]
+        for n in graph.node:
+            n.input[:] = [internal if x == name else x for x in n.input]
+            if n is final:
+                break
+            n.output[:] = [internal if x == name else x for x in n.output]
 
 
 def check_onnx(path: str | Path) -> None:

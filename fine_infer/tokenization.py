@@ -5,7 +5,8 @@ neither torch nor transformers:
 
 - ``wordpiece``: BERT's (Fashion-FINE): lowercase, ``[CLS] … [SEP]``, ``[PAD]`` = 0.
 - ``bpe``: CLIP's byte-level BPE (RAF): ``<|startoftext|> … <|endoftext|>``, pad = 0.
-- ``word``: MAAF's word vocabulary: lowercase, punctuation dropped, whitespace split, ``<pad>`` = 0, ``<unk>`` = 1.
+- ``word``: MAAF's word vocabulary (its ``SimpleVocab`` cleaning: ASCII only, punctuation deleted, lowercase),
+  whitespace split, ``<pad>`` = 0, ``<unk>`` = 1.
 
 Without an official vocabulary file, each is built from :data:`BUILTIN_WORDS` (the tiny presets and the demo).
 """
@@ -13,6 +14,8 @@ Without an official vocabulary file, each is built from :data:`BUILTIN_WORDS` (t
 from __future__ import annotations
 
 import gzip
+import re
+import string
 from pathlib import Path
 from typing import Sequence
 
@@ -122,15 +125,26 @@ def bpe_tokenizer(max_length: int, merges_file: str | Path | None = None, paddin
     return _with_limits(tok, max_length, tok.token_to_id("<pad>"), "<pad>", padding)
 
 
+def normalise_word_text(text: str) -> str:
+    """MAAF's ``SimpleVocab`` text cleaning: non-ASCII dropped, every ``string.punctuation`` character deleted
+    (so "t-shirt" → "tshirt"), lowercased. The tokenizer below applies the same rules inside ``tokenizers``."""
+    return text.encode("ascii", "ignore").decode().translate(str.maketrans("", "", string.punctuation)).lower()
+
+
 def word_tokenizer(max_length: int, words: Sequence[str] | None = None, padding: str = "longest"):
-    """MAAF's word-level tokenizer: lowercase, punctuation dropped, whitespace split, unknown words → ``<unk>``."""
+    """MAAF's word-level tokenizer: cleaned as :func:`normalise_word_text`, whitespace split, unknown → ``<unk>``."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    words = sorted(set(w.lower() for w in (words or BUILTIN_WORDS)) - set(_WORD_SPECIALS))
+    cleaned = (normalise_word_text(w) for w in (words or BUILTIN_WORDS))
+    words = sorted(set(w for w in cleaned if w) - set(_WORD_SPECIALS))
     vocab = {t: i for i, t in enumerate([*_WORD_SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence(
-        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s\-']"), " ")]
+        [
+            normalizers.Replace(Regex(r"[^\x00-\x7f]"), ""),
+            normalizers.Replace(Regex("[" + re.escape(string.punctuation) + "]"), ""),
+            normalizers.Lowercase(),
+        ]
     )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return _with_limits(tok, max_length, 0, "<pad>", padding)
@@ -185,6 +199,8 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     rows = []
     for i, enc in enumerate(encodings):
         ids = [x for x, m in zip(enc.ids, enc.attention_mask) if m]
+        if not ids:
+            raise InputError(f"text {i} has no tokens once cleaned (only punctuation or symbols?): give a word")
         if len(ids) > L:
             if not truncate:
                 raise InputError(

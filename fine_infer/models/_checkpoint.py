@@ -15,7 +15,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``: no arbitrary unpickling).
 
-    Official checkpoints that nest the state dict under ``model`` or ``state_dict`` are unwrapped."""
+    Official checkpoints that nest the state dict under ``model``, ``state_dict`` or ``model_state_dict``
+    (yahoo/maaf) are unwrapped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -28,7 +29,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is reported the same way
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    for key in ("model", "state_dict"):
+    for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
