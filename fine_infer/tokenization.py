@@ -135,7 +135,9 @@ def word_tokenizer(max_length: int, words: Sequence[str] | None = None, padding:
     """MAAF's word-level tokenizer: cleaned as :func:`normalise_word_text`, whitespace split, unknown → ``<unk>``."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    cleaned = (normalise_word_text(w) for w in (words or BUILTIN_WORDS))
+    # Special markers such as MAAF's "<UNK>" (line 0 of its vocabulary) are not words: cleaning would make "unk".
+    specials = {t.lower() for t in _WORD_SPECIALS}
+    cleaned = (normalise_word_text(w) for w in (words or BUILTIN_WORDS) if w.lower() not in specials)
     words = sorted(set(w for w in cleaned if w) - set(_WORD_SPECIALS))
     vocab = {t: i for i, t in enumerate([*_WORD_SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
