@@ -1,0 +1,563 @@
+"""``fine_infer.Index``: exact inner-product top-k over user ids, with metadata and a checksummed file format.
+
+Data convention (stated once, as FAISS does): vectors and queries are row-major ``(n, dim)`` floating-point arrays,
+scores are inner products (cosine similarity for the unit-norm embeddings fine-infer produces), ids are the user's
+int64s. Search is exact over what is stored: float32 storage gives exact float32 scores; float16 and int8 storage
+give the scores of the stored (rounded) vectors, or exact float32 results with ``rescore=True`` (float32 copies are
+kept and candidates re-scored, with a proven error bound deciding how many candidates are enough).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import numbers
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
+from fine_infer.index import _format, _native_search
+from fine_infer.index._storage import DTYPES, FLOAT16_MAX, SLICE, PanelStore, abs_colmax, panels_for
+
+#: Largest k a search accepts (results are (queries, k) arrays; larger k is a full sort, not a top-k).
+MAX_K = 100_000
+#: The largest dim an index accepts (a guard against a transposed array creating a 1M-d index).
+MAX_DIM = 1 << 16
+DEVICES = ("auto", "cpu", "cuda")
+#: ``device="auto"`` uses CUDA from this many vectors up: below it a device round trip costs more than it saves.
+GPU_MIN_VECTORS = 16_384
+
+
+class _RWLock:
+    """Many concurrent searches, or one mutation: a search runs without the GIL, so an ``add`` or ``remove`` from
+    another thread must not move vectors under it. Writers are preferred so a stream of searches cannot starve them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# --- argument checks --------------------------------------------------------------------------------------------------
+
+
+def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
+    """A C-contiguous float32 (n, dim) array from any floating-point 2-D array-like, or an InputError naming why not."""
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{what} must be a 2-D floating-point array (n, {dim}): {exc}") from None
+    if a.dtype.kind != "f":
+        raise InputError(f"{what} must be floating point (float32 preferred), got dtype {a.dtype}")
+    if a.ndim != 2:
+        hint = f"; for a single vector pass x[None, :] (shape (1, {dim}))" if a.ndim == 1 else ""
+        raise InputError(f"{what} must be 2-D (n, {dim}), got shape {a.shape}{hint}")
+    if a.shape[1] != dim:
+        raise InputError(f"{what} have dim {a.shape[1]}; this index holds {dim}-d vectors")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf here and are reported just below
+        out = np.ascontiguousarray(a, dtype=np.float32)
+    for lo in range(0, len(out), SLICE):  # in slices: no n x dim boolean temporary for a large batch
+        finite = np.isfinite(out[lo : lo + SLICE])
+        if not finite.all():
+            row, col = np.argwhere(~finite)[0]
+            row += lo
+            value = a[row, col]
+            kind = "NaN" if np.isnan(value) else "inf" if np.isinf(value) else f"{value!r} (beyond float32 range)"
+            count = int((~np.isfinite(out).all(axis=1)).sum())
+            raise InputError(f"{what} row {row} holds {kind} at dimension {col} ({count} row(s) with non-finite "
+                             "values); NaN and inf are refused")
+    return out
+
+
+def _as_ids(ids: Any, count: int | None, what: str = "ids") -> np.ndarray:
+    """int64 ids: integers, 1-D, ``count`` of them (when given), no -1 (the padding id), no duplicates."""
+    if isinstance(ids, (numbers.Integral, np.integer)) and not isinstance(ids, bool):
+        ids = [ids]
+    try:
+        a = np.asarray(ids)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(f"{what} must be a 1-D sequence of integers: {exc}") from None
+    if a.size == 0 and a.dtype.kind == "f":  # [] comes out as float64
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iu" or a.dtype == np.bool_:
+        raise InputError(f"{what} must be integers (int64), got dtype {a.dtype}")
+    if a.ndim != 1:
+        raise InputError(f"{what} must be 1-D, got shape {a.shape}")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{what} must fit in int64; {int(a.max())} does not")
+    a = a.astype(np.int64)
+    if count is not None and a.size != count:
+        raise InputError(f"{a.size} {what} for {count} vectors; give one id per vector")
+    if (a == -1).any():
+        raise InputError(f"{what} may not contain -1: it marks 'no result' in search output")
+    uniq, counts = np.unique(a, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][:5].tolist()
+        raise InputError(f"{what} repeat within one call: {dup}")
+    return a
+
+
+def _as_metadata(metadata: Any, count: int) -> list[dict[str, Any] | None] | None:
+    """One JSON-able dict (or None) per vector, stored as its JSON round trip (what a reload would give back)."""
+    if metadata is None:
+        return None
+    if isinstance(metadata, dict) or not isinstance(metadata, Sequence) or isinstance(metadata, (str, bytes)):
+        raise InputError("metadata must be a list with one dict (or None) per vector")
+    if len(metadata) != count:
+        raise InputError(f"{len(metadata)} metadata entries for {count} vectors; give one per vector (or None)")
+    out: list[dict[str, Any] | None] = []
+    for j, m in enumerate(metadata):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, dict):
+            raise InputError(f"metadata[{j}] must be a dict or None, got {type(m).__name__}")
+        try:
+            text = json.dumps(m, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"metadata[{j}] is not JSON-serialisable: {exc}") from None
+        out.append(json.loads(text))
+    return out
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (numbers.Integral, np.integer)):
+        raise InputError(f"k must be an integer, got {type(k).__name__}")
+    if not 1 <= int(k) <= MAX_K:
+        raise InputError(f"k must be between 1 and {MAX_K}, got {int(k)}")
+    return int(k)
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # respects taskset / container CPU sets
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+# --- the index ------------------------------------------------------------------------------------------------------
+
+
+class Index:
+    """Exact top-k by inner product over vectors with int64 ids and optional JSON metadata::
+
+        index = Index(256)                                  # or dtype="float16" / "int8"
+        index.add(vectors, ids=[10, 11], metadata=[{"sku": "A"}, {"sku": "B"}])
+        scores, ids = index.search(queries, k=5)            # (Q, 5) float32, (Q, 5) int64 (-1: no result)
+        index.save("catalogue.fidx")
+        index = Index.load("catalogue.fidx", mmap=True)     # vectors stay on disk, paged in as searched
+
+    Args:
+        dim: vector dimension.
+        dtype: storage: ``"float32"`` (exact), ``"float16"`` (half the memory, ~3 decimal digits) or ``"int8"``
+            (a quarter; symmetric, one scale per dimension, widened as the stored data grows).
+        rescore: float16 / int8 only: also keep float32 copies (row-major, memory-mappable) and make searches exact
+            by re-scoring the candidates of the compressed scan. Search still streams the compressed vectors; the
+            copies are read only at the candidates' rows.
+        threads: search threads (default: the CPUs this process may use).
+        device: ``"cpu"``, ``"cuda"`` / ``"cuda:N"`` (torch on that device), or ``"auto"`` (CUDA when torch sees a
+            device and the index holds at least ``GPU_MIN_VECTORS`` vectors).
+
+    Thread-safe: searches run concurrently (without the GIL); ``add`` / ``remove`` wait for running searches.
+    """
+
+    def __init__(self, dim: int, dtype: str | np.dtype | type = "float32", *, rescore: bool = False,
+                 threads: int | None = None, device: str = "auto") -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral, np.integer)) or not 1 <= dim <= MAX_DIM:
+            raise ConfigError(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+        if name not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
+                                    or threads < 1):
+            raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
+        self._init(int(dim), name, bool(rescore) and name != "float32", threads, device)
+
+    def _init(self, dim: int, dtype: str, keep_float32: bool, threads: int | None, device: str) -> None:
+        self._store = PanelStore(dim, dtype, keep_float32)
+        self._ids = np.zeros(0, np.int64)  # slot -> id (capacity-sized; the first n are live)
+        self._slot_of: dict[int, int] | None = {}  # id -> slot; None until needed after a load (O(n) to build)
+        self._meta: dict[int, dict[str, Any]] = {}
+        #: JSON-able attributes saved with the index (e.g. the bundle it was built with).
+        self.attrs: dict[str, Any] = {}
+        self._lock = _RWLock()
+        self._version = 0  # bumped by every mutation (invalidates the device copy)
+        self._gpu: Any = None
+        self._cuda: bool | None = None
+        self.threads = int(threads) if threads else _default_threads()
+        self.device = self._check_device(device)
+
+    @staticmethod
+    def _check_device(device: str) -> str:
+        base = str(device).split(":", 1)[0]
+        if base not in DEVICES:
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        if base == "cuda":
+            from fine_infer.index._gpu import require_cuda
+
+            require_cuda(device)
+        return str(device)
+
+    # --- properties -------------------------------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return self._store.dim
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype: ``"float32"``, ``"float16"`` or ``"int8"``."""
+        return self._store.dtype.name
+
+    @property
+    def rescore(self) -> bool:
+        """True when float32 copies are kept and searches of a float16 / int8 index are exact by default."""
+        return self._store.rows is not None
+
+    @property
+    def memory_mapped(self) -> bool:
+        """True while the vectors are memory-mapped from the file they were loaded from (until a mutation)."""
+        return not self._store.writable()
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the CPU search kernels use here (``avx512``, ``avx2`` or ``generic``)."""
+        return _native_search.active_isa()
+
+    def __len__(self) -> int:
+        return self._store.n
+
+    def __contains__(self, id: object) -> bool:
+        if isinstance(id, bool) or not isinstance(id, (numbers.Integral, np.integer)):
+            return False
+        with self._lock.read():
+            return int(id) in self._slots_map()
+
+    def __repr__(self) -> str:
+        extra = ", rescore=True" if self.rescore else ""
+        return f"Index(dim={self.dim}, dtype={self.dtype!r}{extra}, items={len(self)})"
+
+    def ids(self) -> np.ndarray:
+        """All ids (int64), in storage order."""
+        with self._lock.read():
+            return self._ids[: self._store.n].copy()
+
+    def get_metadata(self, id: int) -> dict[str, Any] | None:
+        """The metadata stored with ``id`` (a copy), or None if it has none. Unknown id: KeyError."""
+        key = int(id)
+        with self._lock.read():
+            meta = self._meta.get(key)
+            if meta is None and key not in self._slots_map():
+                raise KeyError(f"id {key} is not in the index")
+        return copy.deepcopy(meta)
+
+    def get_vectors(self, ids: Any) -> np.ndarray:
+        """float32 (m, dim) vectors of ``ids``: the float32 copies if kept, else the stored values dequantised."""
+        idv = _as_ids(ids, None)
+        with self._lock.read():
+            slots = self._lookup(idv, missing_ok=False)
+            return np.array(self._store.read(slots), dtype=np.float32)
+
+    # --- mutation ---------------------------------------------------------------------------------------------------
+
+    def add(self, vectors: Any, ids: Any, metadata: Sequence[dict[str, Any] | None] | None = None, *,
+            upsert: bool = False) -> None:
+        """Add ``vectors`` (n, dim) under ``ids`` (n int64s), with optional ``metadata`` (one dict or None each).
+
+        An id already in the index is an error, unless ``upsert=True``: then its vector and metadata are replaced
+        (metadata None clears it). Everything is checked before anything changes: a refused call changes nothing."""
+        x = _as_matrix(vectors, self.dim, "vectors")
+        if self.dtype == "float16" and x.size and abs_colmax(x).max() > FLOAT16_MAX:
+            raise InputError(f"vectors hold values beyond the float16 range (±{FLOAT16_MAX:g}); "
+                             "use dtype='float32' or 'int8' for such data")
+        m = len(x)
+        idv = _as_ids(ids, m)
+        metas = _as_metadata(metadata, m)
+        with self._lock.write():
+            slot_of = self._slots_map()
+            existing = np.fromiter((slot_of.get(i, -1) for i in idv.tolist()), np.int64, m) if slot_of \
+                else np.full(m, -1, np.int64)
+            hit = existing >= 0
+            if hit.any() and not upsert:
+                dup = idv[hit][:5].tolist()
+                raise InputError(f"{int(hit.sum())} id(s) already in the index, e.g. {dup}; "
+                                 "pass upsert=True to replace them")
+            if m == 0:
+                return
+            store = self._store
+            new = ~hit
+            n0 = store.n
+            n1 = n0 + int(new.sum())
+            store.reserve(n1)  # also moves a memory-mapped index into RAM (one copy, with room to grow)
+            if store.n == 0:
+                store.colmax[:] = 0
+            if store.scales is not None:
+                store.grow_scales(x)
+            if len(self._ids) < store.capacity:
+                grown = np.zeros(store.capacity, np.int64)
+                grown[:n0] = self._ids[:n0]
+                self._ids = grown
+            store.write_range(n0, x[new])
+            store.n = n1
+            if hit.any():
+                store.write_at(existing[hit], x[hit])
+            self._ids[n0:n1] = idv[new]
+            slot_of.update(zip(idv[new].tolist(), range(n0, n1)))
+            if metas is not None:
+                for i, meta, replaced in zip(idv.tolist(), metas, hit.tolist()):
+                    if meta is not None:
+                        self._meta[i] = meta
+                    elif replaced:
+                        self._meta.pop(i, None)
+            else:  # no metadata given: an upsert clears the old one; a plain add has none to store
+                for i in idv[hit].tolist():
+                    self._meta.pop(i, None)
+            self._version += 1
+
+    def remove(self, ids: Any, *, missing_ok: bool = False) -> int:
+        """Remove ``ids`` and their metadata; returns how many were removed. Unknown ids are an error unless
+        ``missing_ok``. The last vectors move into the freed slots (O(removed), no rebuild)."""
+        idv = np.unique(_as_ids(ids, None))
+        with self._lock.write():
+            slots = self._lookup(idv, missing_ok=missing_ok)
+            slots = slots[slots >= 0]
+            if slots.size == 0:
+                return 0
+            store = self._store
+            if not store.writable():
+                store.materialize()
+            n = store.n
+            n_new = n - slots.size
+            gone = np.zeros(n, bool)
+            gone[slots] = True
+            holes = np.flatnonzero(gone[:n_new])  # freed slots below the new end ...
+            movers = n_new + np.flatnonzero(~gone[n_new:])  # ... take the live vectors from above it
+            slot_of = self._slots_map()
+            for i in self._ids[slots].tolist():
+                del slot_of[i]
+                self._meta.pop(i, None)
+            store.move(holes, movers)
+            self._ids[holes] = self._ids[movers]
+            for hole, i in zip(holes.tolist(), self._ids[holes].tolist()):
+                slot_of[i] = hole
+            store.truncate(n_new)
+            self._ids[n_new:n] = 0
+            self._version += 1
+            return int(slots.size)
+
+    def _slots_map(self) -> dict[int, int]:
+        if self._slot_of is None:
+            self._slot_of = dict(zip(self._ids[: self._store.n].tolist(), range(self._store.n)))
+        return self._slot_of
+
+    def _lookup(self, idv: np.ndarray, missing_ok: bool) -> np.ndarray:
+        slot_of = self._slots_map()
+        slots = np.fromiter((slot_of.get(i, -1) for i in idv.tolist()), np.int64, len(idv))
+        if not missing_ok and (slots < 0).any():
+            missing = idv[slots < 0][:5].tolist()
+            raise KeyError(f"{int((slots < 0).sum())} id(s) not in the index, e.g. {missing}")
+        return slots
+
+    # --- search -----------------------------------------------------------------------------------------------------
+
+    def search(self, queries: Any, k: int, *, exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best inner products per query: ``(scores float32 (Q, k), ids int64 (Q, k))``, best first.
+
+        Where the index holds fewer than ``k`` vectors the rest of a row is ``-inf`` / ``-1``. Equal scores are
+        ordered by storage slot. ``exact`` (float16 / int8): re-score candidates against the float32 copies so the
+        result is the float32 top-k — default True when the index keeps copies (``rescore=True``)."""
+        k = _check_k(k)
+        q = _as_matrix(queries, self.dim, "queries")
+        if exact is None:
+            exact = self.rescore
+        elif exact and self.dtype != "float32" and not self.rescore:
+            raise ConfigError(f"exact search of a {self.dtype} index needs its float32 copies: create it with "
+                              "Index(..., rescore=True)")
+        with self._lock.read():
+            if exact and self.dtype != "float32":
+                scores, slots = self._search_exact(q, k)
+            else:
+                scores, slots = self._scan(q, k)
+            ids = np.where(slots >= 0, self._ids[np.maximum(slots, 0)], -1) if len(self._ids) else slots
+        return scores, ids
+
+    def _scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k slots over the stored values, on the device chosen for this index."""
+        store = self._store
+        if self._use_gpu():
+            return self._gpu_gallery().search(q, k)
+        return _native_search.search(q, store.panels, store.n, k, store.scales, self.threads)
+
+    def _search_exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scan the compressed vectors for kc candidates, re-score them in float32, and prove nothing was missed:
+        a vector outside the candidates scores at most (kc-th approximate score + error bound), so when that is below
+        the k-th exact score the top-k is exact. Queries that fail the test are retried with 4x the candidates."""
+        store = self._store
+        n, nq = store.n, len(q)
+        kk = min(k, n)
+        out_s = np.full((nq, k), -np.inf, np.float32)
+        out_i = np.full((nq, k), -1, np.int64)
+        if kk == 0 or nq == 0:
+            return out_s, out_i
+        rows = store.rows[:n]
+        bound = store.error_bound(q)
+        todo = np.arange(nq)
+        # First candidate count: enough that nearly every query passes the test at once (a retry rescans the
+        # gallery). int8's error bound is ~10x float16's, so it needs deeper lists (measured on unit vectors).
+        kc = min(n, max(4 * k, k + 64) if self.dtype == "int8" else max(2 * k, k + 16))
+        while todo.size:
+            qs = q[todo]
+            cand_s, cand_i = self._scan(qs, kc)
+            es, ei = _native_search.rescore(qs, rows, cand_i, kk, self.threads)
+            if kc >= n:
+                ok = np.ones(len(todo), bool)
+            else:
+                ok = cand_s[:, kc - 1].astype(np.float64) + bound[todo] < es[:, kk - 1]
+            out_s[todo[ok], :kk] = es[ok]
+            out_i[todo[ok], :kk] = ei[ok]
+            todo = todo[~ok]
+            kc = min(n, kc * 4)
+        return out_s, out_i
+
+    def _use_gpu(self) -> bool:
+        if self.device == "cpu":
+            return False
+        if self.device == "auto":
+            if self._store.n < GPU_MIN_VECTORS:
+                return False
+            if self._cuda is None:
+                from fine_infer.index._gpu import cuda_available
+
+                self._cuda = cuda_available()
+            return self._cuda
+        return True
+
+    def _gpu_gallery(self) -> Any:
+        from fine_infer.index._gpu import GpuGallery
+
+        if self._gpu is None or self._gpu.version != self._version:
+            store = self._store
+            used = panels_for(store.n)
+            # Row-major in the storage dtype (int8 stays int8 on the device; its scale folds into the query).
+            stored = store.panels[:used].transpose(0, 2, 1).reshape(used * _native_search.PANEL, self.dim)[: store.n]
+            device = "cuda" if self.device == "auto" else self.device
+            self._gpu = GpuGallery(device, stored, store.scales, self._version)
+        return self._gpu
+
+    # --- persistence ------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the index to ``path`` atomically (temp file, fsync, rename): a crash leaves the old file intact."""
+        try:
+            meta_text = json.dumps({
+                "attrs": self.attrs,
+                "metadata": {str(i): m for i, m in self._meta.items()},
+            }, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"index.attrs is not JSON-serialisable: {exc}") from None
+        with self._lock.read():
+            store = self._store
+            n = store.n
+            sections: list[tuple[str, Any]] = [
+                ("ids", self._ids[:n]),
+                ("colmax", store.colmax),
+            ]
+            if store.scales is not None:
+                sections.append(("scales", store.scales))
+            sections.append(("meta", meta_text.encode("utf-8")))
+            sections.append(("vectors", store.panels[: panels_for(n)]))
+            if store.rows is not None:
+                sections.append(("float32", store.rows[:n]))
+            _format.write(path, dim=self.dim, dtype=self.dtype, count=n, panel=_native_search.PANEL,
+                          sections=sections, float32_copies=store.rows is not None)
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = False, *, verify: bool = True, threads: int | None = None,
+             device: str = "auto") -> "Index":
+        """Read an index written by :meth:`save`. A truncated, altered or unknown-version file raises
+        :class:`~fine_infer.errors.IndexFileError` naming the problem.
+
+        ``mmap=True`` maps the vectors (and float32 copies) from the file instead of reading them into RAM; the
+        first ``add`` / ``remove`` copies them into RAM. Checksums are verified either way: with ``mmap`` by one
+        streaming pass over the file (constant memory), skipped with ``verify=False`` for a trusted file."""
+        f = _format.read(path, mmap=mmap, verify=verify)
+        if f.panel != _native_search.PANEL:
+            raise _format.fail(Path(path), f"panel width {f.panel}; this build uses {_native_search.PANEL}")
+        index = cls.__new__(cls)
+        index._init(f.dim, f.dtype, f.rows is not None, threads, device)
+        store = index._store
+        store.panels = f.panels
+        store.rows = f.rows
+        store.n = f.count
+        if f.scales is not None:
+            store.scales = f.scales.copy()
+        if f.colmax is not None:
+            store.colmax = f.colmax.copy()
+        index._ids = f.ids.copy()
+        index._slot_of = None
+        try:
+            index.attrs = dict(f.meta.get("attrs") or {})
+            index._meta = {int(i): m for i, m in (f.meta.get("metadata") or {}).items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise _format.fail(Path(path), f"section 'meta' has an unexpected layout ({exc})") from None
+        if len(np.unique(index._ids)) != f.count:
+            raise _format.fail(Path(path), "duplicate ids in section 'ids'")
+        return index
+
+    # --- scale-out --------------------------------------------------------------------------------------------------
+
+    def to_faiss(self) -> Any:
+        """A FAISS ``IndexIDMap(IndexFlatIP)`` holding the same vectors (float32 copies, or dequantised) and ids."""
+        try:
+            import faiss
+        except ImportError:
+            raise BackendUnavailableError("Index.to_faiss needs FAISS: pip install faiss-cpu") from None
+        with self._lock.read():
+            x = np.ascontiguousarray(self._store.read(), dtype=np.float32)
+            ids = self._ids[: self._store.n].copy()
+        out = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+        if len(ids):
+            out.add_with_ids(x, ids)
+        return out
+
