@@ -7,26 +7,15 @@ PyTorch eager in the same run.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from fine_infer.bench import _median_ms
+
 TEXT_QUERIES = ("a red striped dress", "a blue shirt with dots", "a black bag", "green checked trousers")
-
-
-def _median_ms(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def latency_table(bundle: Path, pixels: np.ndarray, texts: list[str], batches=(1, 8)) -> list[dict]:

@@ -1,0 +1,577 @@
+"""The HTTP API (FastAPI): embed, search, classify, health, readiness, metrics, an OpenAPI schema.
+
+    app = create_app(fine_infer.load("bundle/"), index=Index.load("gallery.idx"))
+
+Requests from every client of a graph meet in one :class:`~fine_infer.runtime.batcher.DynamicBatcher`, so
+concurrent requests share model runs. The handlers stay thin: bodies are parsed by pydantic-core straight from
+bytes, texts are tokenized on the event loop (microseconds), images are decoded in worker threads (at most one per
+core at a time), and responses are serialised with :mod:`json` directly, skipping FastAPI's response validation.
+
+Readiness: the app answers ``/healthz`` at once, and ``/readyz`` (and the ``/v1`` routes) only once every graph has
+been warmed up and its batch size calibrated in a background thread. Shutdown: the server stops accepting, finishes
+in-flight requests, then the batcher drains its queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from fine_infer.errors import BundleError, ConfigError, FineInferError, InputError
+from fine_infer.runtime.batcher import DynamicBatcher, example_feeds
+from fine_infer.serve import schemas
+from fine_infer.serve.limits import LimitExceeded, Limits, ServeError
+from fine_infer.serve.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("fine_infer.serve")
+
+INDEX_THREAD_MIN = 10_000  # galleries this large take ~1 ms or more to scan: search them off the event loop
+PROTECTED_PREFIXES = ("/v1/", "/metrics")  # need the API key when one is set; health and the schema do not
+
+
+# --- state ---------------------------------------------------------------------------------------------------------
+class ServeState:
+    """What the app serves: the session, its batcher, the index, the limits, and readiness."""
+
+    def __init__(
+        self,
+        session: Any,
+        index: Any | None = None,
+        *,
+        max_batch_size: int | Mapping[str, int] | None = None,
+        max_delay_ms: float = 2.0,
+        bench_result: str | Mapping[str, Any] | None = None,
+        limits: Limits | None = None,
+        api_key: str | None = None,
+        calibration_budget_s: float = 5.0,
+        adaptive_delay: bool = True,
+    ) -> None:
+        self.session = session
+        self.index = index
+        self.limits = limits or Limits()
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = Metrics(self)
+        self.batcher = DynamicBatcher(session, max_batch_size, max_delay_ms, on_batch=self.metrics.observe_batch,
+                                      calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay)
+        if bench_result is not None:
+            self.batcher.use_bench_result(bench_result)
+        self.ready = False
+        self.error: str | None = None
+        self.draining = False
+        self.cpu_limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        self._check_index()
+
+    def _check_index(self) -> None:
+        dim = self.session.manifest.embed_dim
+        idim = getattr(self.index, "dim", None)
+        if self.index is not None and dim and idim and int(idim) != int(dim):
+            raise ConfigError(f"the index holds {idim}-d vectors but the bundle embeds to {dim}-d; "
+                              "index the gallery with this bundle")
+
+    def prepare(self) -> None:
+        """Warm every graph up and calibrate its batch size (unless fixed); then mark the server ready."""
+        try:
+            m = self.session.manifest
+            for name, g in m.graphs.items():
+                self.session.run(name, example_feeds(g.spec, 1, m.text))  # first runs allocate: not a client's cost
+            cal = self.batcher.calibrate_all()
+            for g, c in cal.items():
+                log.info("graph %s: max_batch_size %d (%s) %s", g, c.max_batch_size, c.source,
+                         {b: round(v, 3) for b, v in c.per_item_ms.items()})
+            self.ready = True
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz rather than killing the server
+            log.exception("preparing the bundle failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/info`` reports."""
+        m = self.session.manifest
+        return {
+            "arch": m.arch or m.source,
+            "preset": m.preset,
+            "backend": self.session.backend,
+            "providers": self.session.providers,
+            "embed_dim": m.embed_dim,
+            "graphs": {n: {"task": g.spec.task, "max_batch_size": self.batcher.max_batch_size(n),
+                           "calibration": c.to_dict() if (c := self.batcher.calibrations.get(n)) else None}
+                       for n, g in m.graphs.items()},
+            "tasks": sorted({g.spec.task for g in m.graphs.values()}),
+            "max_text_tokens": self.limits.text_token_limit(m.text.max_length if m.text else None),
+            "index": None if self.index is None else {"items": len(self.index)},
+            "limits": self.limits.to_dict(),
+            "ready": self.ready,
+        }
+
+    def close(self) -> None:
+        """Drain the batcher (in-flight requests are answered first)."""
+        self.draining = True
+        self.batcher.close(drain=True)
+
+
+# --- the ASGI guard: auth, body limit, metrics, last-resort errors ---------------------------------------------------
+class _Guard:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): API key, body size, metrics, JSON 500s."""
+
+    def __init__(self, app: Any, state: ServeState, paths: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.state = state
+        self.paths = paths  # label requests answered before routing (401, 413) by path when it is a known one
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        st = self.state
+        t0 = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started = True
+            await send(message)
+
+        st.metrics.in_flight.inc()
+        try:
+            path = scope["path"]
+            if st.api_key is not None and path.startswith(PROTECTED_PREFIXES) and not self._authorised(scope):
+                await _send_error(send_wrapper, ServeError("missing or wrong API key: send 'Authorization: Bearer "
+                                                           "KEY' or 'X-API-Key: KEY'", status=401, type="unauthorized"))
+                return
+            length = _header(scope, b"content-length")
+            if length is not None:
+                try:
+                    st.limits.check_body_length(int(length))
+                except ValueError:
+                    await _send_error(send_wrapper, ServeError("bad Content-Length header", type="bad_request"))
+                    return
+                except LimitExceeded as exc:
+                    await _send_error(send_wrapper, exc)
+                    return
+            await self.app(scope, _counting_receive(receive, st.limits), send_wrapper)
+        except Exception as exc:  # noqa: BLE001 - the client gets a JSON 500; the log gets the traceback
+            log.exception("unhandled error on %s", scope.get("path"))
+            if not started:
+                await _send_error(send_wrapper, ServeError(f"internal error ({type(exc).__name__})", status=500,
+                                                           type="internal"))
+        finally:
+            st.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                route = scope["path"] if scope["path"] in self.paths else "unmatched"  # bounded label values
+            st.metrics.observe_request(route, scope["method"], status, time.perf_counter() - t0)
+
+    def _authorised(self, scope: dict) -> bool:
+        key = _header(scope, b"x-api-key")
+        if key is None:
+            auth = _header(scope, b"authorization") or ""
+            key = auth[7:] if auth[:7].lower() == "bearer " else None
+        return key is not None and hmac.compare_digest(key.encode(), self.state.api_key)
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _counting_receive(receive: Any, limits: Limits) -> Any:
+    """A receive() that refuses a body growing past the limit while it streams (chunked bodies have no length)."""
+    seen = 0
+
+    async def wrapped() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            limits.check_body_length(seen)
+        return message
+
+    return wrapped
+
+
+async def _send_error(send: Any, err: ServeError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+def _error_response(err: ServeError) -> Response:
+    return _json(err.body(), err.status)
+
+
+# --- request parsing -------------------------------------------------------------------------------------------------
+def _validation_error(exc: ValidationError, model: type[BaseModel]) -> ServeError:
+    e = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in e.get("loc", ()))
+    allowed = ", ".join(model.model_fields)
+    if e["type"] == "json_invalid":
+        return ServeError(f"the body is not valid JSON ({e.get('msg')})", status=400, type="invalid_json")
+    if e["type"] == "extra_forbidden":
+        return ServeError(f"unknown field {loc!r}; this request takes: {allowed}", status=422, type="unknown_field",
+                          field=loc)
+    if not loc:
+        return ServeError(f"the body must be a JSON object with fields: {allowed}", status=422, type="invalid_body")
+    return ServeError(f"field {loc!r}: {e['msg']}", status=422, type="invalid_field", field=loc)
+
+
+async def _parse(request: Request, model: type[BaseModel], state: ServeState, multipart: bool) -> tuple[Any, dict]:
+    """The validated JSON body, or for multipart: ``(None, {"images": [bytes], "texts": [str]})``."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        if not multipart:
+            raise ServeError("this route takes a JSON body", status=415, type="unsupported_media_type")
+        lim = state.limits
+        async with request.form(max_files=lim.max_batch_items + 1, max_fields=lim.max_batch_items + 1,
+                                max_part_size=lim.max_body_bytes) as form:
+            allowed = set(model.model_fields)
+            parts: dict[str, list] = {"images": [], "texts": []}
+            for key, value in form.multi_items():
+                if key not in allowed or key not in parts:
+                    raise ServeError(f"unknown form field {key!r}; multipart takes: images (files), texts",
+                                     status=422, type="unknown_field", field=key)
+                if key == "images":
+                    if isinstance(value, str):
+                        raise ServeError("form field 'images' must be a file", status=422, type="invalid_field",
+                                         field="images")
+                    parts["images"].append(await value.read())
+                else:
+                    if not isinstance(value, str):
+                        raise ServeError("form field 'texts' must be text", status=422, type="invalid_field",
+                                         field="texts")
+                    parts["texts"].append(value)
+        return None, parts
+    body = await request.body()
+    if not body:
+        raise ServeError(f"empty body: send a JSON object with fields: {', '.join(model.model_fields)}",
+                         status=400, type="invalid_json")
+    try:
+        return model.model_validate_json(body), {}
+    except ValidationError as exc:
+        raise _validation_error(exc, model) from None
+
+
+def _decode_image(s: str, i: int) -> bytes:
+    if s.startswith("data:"):
+        s = s.partition(",")[2]
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServeError(f"image {i} is not valid base64", field=f"images[{i}]") from None
+    if not data:
+        raise ServeError(f"image {i} is empty", field=f"images[{i}]")
+    return data
+
+
+# --- the work --------------------------------------------------------------------------------------------------------
+class _Handlers:
+    """The route bodies, over one :class:`ServeState`."""
+
+    def __init__(self, state: ServeState) -> None:
+        self.st = state
+
+    def _ready(self) -> None:
+        if not self.st.ready:
+            detail = f": {self.st.error}" if self.st.error else " (warming up)"
+            raise ServeError("the server is not ready" + detail, status=503, type="not_ready")
+
+    def _graph(self, task: str) -> Any:
+        try:
+            return self.st.session.bundle.graph_for_task(task).spec
+        except BundleError as exc:
+            raise ServeError(str(exc), type="unsupported") from None
+
+    def _decode_and_preprocess(self, images: Sequence[bytes | str]) -> np.ndarray:
+        lim = self.st.limits
+        raw = [_decode_image(x, i) if isinstance(x, str) else x for i, x in enumerate(images)]
+        for i, data in enumerate(raw):
+            lim.check_image_header(data, i)
+        return self.st.session.preprocess_images(raw)
+
+    async def _pixels(self, images: Sequence[bytes | str]) -> np.ndarray:
+        # base64, header checks, decoding and resizing are CPU work: one worker-thread call (at most one per core
+        # at once), so the event loop only routes.
+        return await anyio.to_thread.run_sync(self._decode_and_preprocess, list(images), limiter=self.st.cpu_limiter)
+
+    def _tokens(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, np.ndarray]:
+        s = self.st.session
+        m = s.manifest.text
+        if m is None:
+            raise ServeError(f"this bundle ({s.manifest.arch or s.manifest.source}) takes no text", type="unsupported")
+        if not truncate:
+            self.st.limits.check_texts(texts, s.tokenizer, m.max_length)
+        else:
+            for i, t in enumerate(texts):
+                if not t.strip():
+                    raise ServeError(f"text {i} is empty: give at least one word", field=f"texts[{i}]")
+        return s.tokenize(texts, truncate=truncate)
+
+    async def _embed(self, images: list[bytes | str] | None, texts: list[str] | None,
+                     truncate: bool) -> tuple[np.ndarray, str]:
+        if images and texts:
+            if len(images) != len(texts):
+                raise ServeError(f"a composed query needs one text per image; got {len(images)} images and "
+                                 f"{len(texts)} texts")
+            spec = self._graph("compose")
+            ids, mask = self._tokens(texts, truncate)
+            feeds = {"pixels": await self._pixels(images), "input_ids": ids, "attention_mask": mask}
+        elif images:
+            spec = self._graph("embed_image")
+            feeds = {"pixels": await self._pixels(images)}
+        elif texts:
+            spec = self._graph("embed_text")
+            ids, mask = self._tokens(texts, truncate)
+            feeds = {"input_ids": ids, "attention_mask": mask}
+        else:
+            raise ServeError("give texts, images or both", type="invalid_input")
+        out = await self.st.batcher.run_async(spec.name, feeds)
+        return out[spec.outputs[0].name], spec.name
+
+    async def embed(self, request: Request) -> Response:
+        """``POST /v1/embed``: texts, images (JSON base64 or multipart files) or image+text pairs."""
+        self._ready()
+        body, parts = await _parse(request, schemas.EmbedRequest, self.st, multipart=True)
+        if body is not None:
+            images, texts, truncate = body.images, body.texts, body.truncate  # base64 decoded off the event loop
+        else:
+            images, texts, truncate = parts["images"] or None, parts["texts"] or None, False
+        for items, what in ((images, "images"), (texts, "texts")):
+            if items is not None:
+                if not items:
+                    raise ServeError(f"'{what}' is an empty list", field=what)
+                self.st.limits.check_items(len(items), what)
+        vectors, graph = await self._embed(images, texts, truncate)
+        return _json({"embeddings": np.round(vectors, 7).tolist(), "dim": int(vectors.shape[1]),
+                      "count": int(vectors.shape[0]), "graph": graph})
+
+    async def search(self, request: Request) -> Response:
+        """``POST /v1/search``: embed the query (text, image or both), then top-k in the index with metadata."""
+        self._ready()
+        body, _ = await _parse(request, schemas.SearchRequest, self.st, multipart=False)
+        self.st.limits.check_k(body.k)
+        index = self.st.index
+        if index is None:
+            raise ServeError("this server has no index: start it with --index INDEX", type="no_index", status=404)
+        if body.text is None and body.image is None:
+            raise ServeError("give 'text', 'image' or both")
+        images = [body.image] if body.image is not None else None
+        texts = [body.text] if body.text is not None else None
+        vectors, graph = await self._embed(images, texts, body.truncate)
+        if len(index) >= INDEX_THREAD_MIN:  # a large gallery takes milliseconds: keep the event loop free
+            scores, ids = await anyio.to_thread.run_sync(index.search, vectors, body.k)
+        else:
+            scores, ids = index.search(vectors, body.k)
+        hits = [{"id": int(i), "score": float(s), "metadata": index.get_metadata(int(i))}
+                for s, i in zip(scores[0], ids[0]) if i >= 0]
+        return _json({"hits": hits, "k": body.k, "graph": graph})
+
+    async def classify(self, request: Request) -> Response:
+        """``POST /v1/classify``: per image, per attribute head, the label and probabilities."""
+        self._ready()
+        body, parts = await _parse(request, schemas.ClassifyRequest, self.st, multipart=True)
+        if body is not None:
+            images = body.images
+        else:
+            if parts["texts"]:
+                raise ServeError("classify takes images only", status=422, type="unknown_field", field="texts")
+            images = parts["images"]
+        if not images:
+            raise ServeError("'images' is an empty list", field="images")
+        self.st.limits.check_items(len(images), "images")
+        spec = self._graph("classify")
+        out = await self.st.batcher.run_async(spec.name, {"pixels": await self._pixels(images)})
+        return _json({"predictions": classify_outputs(out, self.st.session.manifest.class_labels), "graph": spec.name})
+
+
+def classify_outputs(out: Mapping[str, np.ndarray], labels: Mapping[str, list[str]] | None) -> list[dict[str, Any]]:
+    """Per row, per head: softmax of the logits → the top label, its probability, and every label's probability."""
+    rows: list[dict[str, Any]] = [{} for _ in range(len(next(iter(out.values()))))]
+    for name, logits in out.items():
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
+        names = (labels or {}).get(name) or [str(i) for i in range(logits.shape[1])]
+        for i, p in enumerate(probs):
+            j = int(p.argmax())
+            rows[i][name] = {"label": names[j], "score": float(p[j]),
+                             "scores": {n: float(v) for n, v in zip(names, p)}}
+    return rows
+
+
+# --- the app ---------------------------------------------------------------------------------------------------------
+_ERRORS = {400: {"model": schemas.ErrorResponse, "description": "bad input or a limit exceeded (named)"},
+           413: {"model": schemas.ErrorResponse, "description": "body or image too large (limit named)"},
+           422: {"model": schemas.ErrorResponse, "description": "unknown field or wrong type (field named)"},
+           503: {"model": schemas.ErrorResponse, "description": "not ready yet"}}
+
+
+def _body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if multipart:
+        props: dict[str, Any] = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+        if "texts" in model.model_fields:
+            props["texts"] = {"type": "array", "items": {"type": "string"}}
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": props}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def create_app(
+    session: Any,
+    index: Any | None = None,
+    *,
+    max_batch_size: int | Mapping[str, int] | None = None,
+    max_delay_ms: float = 2.0,
+    bench_result: str | Mapping[str, Any] | None = None,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    prepare: str = "background",
+    calibration_budget_s: float = 5.0,
+    adaptive_delay: bool = True,
+) -> FastAPI:
+    """The ASGI app serving ``session`` (and ``index`` for ``/v1/search``).
+
+    ``max_batch_size``: fixed per graph (int or mapping) or None to calibrate at start-up (or take it from
+    ``bench_result``, a ``fine-infer bench --json`` file). ``adaptive_delay``: wait ``max_delay_ms`` for batch-mates
+    only when some are to be expected (see :class:`DynamicBatcher`). ``prepare``: ``"background"`` (warm-up and calibration
+    after start-up; ``/readyz`` says when done), ``"now"`` (before this returns) or ``"skip"`` (ready at once).
+    The :class:`ServeState` is ``app.state.serve``.
+    """
+    state = ServeState(session, index, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                       bench_result=bench_result, limits=limits, api_key=api_key,
+                       calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay)
+    if prepare == "now":
+        state.prepare()
+    elif prepare == "skip":
+        state.ready = True
+    elif prepare != "background":
+        raise ConfigError(f"prepare must be 'background', 'now' or 'skip', not {prepare!r}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """Start warm-up/calibration in the background; on shutdown, drain the batcher."""
+        if not state.ready and state.error is None:
+            threading.Thread(target=state.prepare, name="serve-prepare", daemon=True).start()
+        yield
+        # Reached after uvicorn stopped accepting and in-flight requests finished: drain what is still queued.
+        await anyio.to_thread.run_sync(state.close)
+
+    m = session.manifest
+    app = FastAPI(title="fine-infer", version=_version(), lifespan=lifespan, **_NO_TELEMETRY,
+                  description=f"Embedding, search and classification with a {m.arch or m.source} bundle.")
+    app.state.serve = state
+    h = _Handlers(state)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> Response:
+        return _error_response(ServeError(str(exc), type="invalid_input"))
+
+    @app.exception_handler(FineInferError)
+    async def _other_error(request: Request, exc: FineInferError) -> Response:
+        return _error_response(ServeError(str(exc), type="unsupported"))
+
+    @app.post("/v1/embed", summary="Embed texts, images or image+text pairs", responses={200: {"model":
+              schemas.EmbedResponse}, **_ERRORS}, openapi_extra=_body_doc(schemas.EmbedRequest, True))
+    async def embed(request: Request) -> Response:
+        """Embed `texts`, `images` (base64 in JSON, or multipart files) or both (one composed query per pair, for
+        composed-retrieval archs). Returns L2-normalised float32 rows."""
+        return await h.embed(request)
+
+    @app.post("/v1/search", summary="Top-k search by text, image or both", responses={200: {"model":
+              schemas.SearchResponse}, 404: {"model": schemas.ErrorResponse, "description": "no index"}, **_ERRORS},
+              openapi_extra=_body_doc(schemas.SearchRequest, False))
+    async def search(request: Request) -> Response:
+        """Search the server's index by `text`, `image` or both (composed retrieval); `k` hits with their stored
+        metadata, best first."""
+        return await h.search(request)
+
+    @app.post("/v1/classify", summary="Predict every attribute head per image", responses={200: {"model":
+              schemas.ClassifyResponse}, **_ERRORS}, openapi_extra=_body_doc(schemas.ClassifyRequest, True))
+    async def classify(request: Request) -> Response:
+        """Classify `images` with a classifier bundle: per attribute head, the label and all probabilities."""
+        return await h.classify(request)
+
+    @app.get("/v1/info", summary="The bundle, its graphs and batch sizes, the index and the limits")
+    async def info() -> Response:
+        """The arch, graphs and their batch sizes, the index size and the request limits."""
+        return _json(state.info())
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> Response:
+        """200 while the process answers."""
+        return _json({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: bundle loaded and warmed up, index loaded",
+             responses={503: {"model": schemas.ErrorResponse}})
+    async def readyz() -> Response:
+        """200 once the bundle is warmed up and calibrated and the index loaded; 503 before, and while draining."""
+        if state.ready and not state.draining:
+            return _json({"status": "ready", "index": state.index is not None})
+        reason = "draining" if state.draining else (state.error or "warming up")
+        return _error_response(ServeError(f"not ready: {reason}", status=503, type="not_ready"))
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition)")
+    async def metrics() -> Response:
+        """Prometheus text exposition: requests by route and status, latencies, batch sizes, queue depth."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    def openapi() -> dict[str, Any]:
+        """The OpenAPI schema, with the request bodies' models."""
+        # Routes read their bodies themselves (JSON or multipart): add the request models to the components.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in schemas.REQUEST_MODELS:
+                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(s.pop("$defs", {}))
+                comps[model.__name__] = s
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(_Guard, state=state, paths=frozenset(getattr(r, "path", "") for r in app.routes))
+    return app
+
+
+def _no_telemetry() -> dict[str, Any]:
+    # Newer FastAPI traces every request with OpenTelemetry by default; /metrics already counts what matters here,
+    # and the spans would cost more than the routing. Older FastAPI has no such option.
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+
+
+_NO_TELEMETRY = _no_telemetry()
+
+
+def _version() -> str:
+    from fine_infer import __version__
+
+    return __version__

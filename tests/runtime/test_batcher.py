@@ -1,0 +1,263 @@
+"""DynamicBatcher: answers equal to direct calls under concurrency, padding, failure isolation, calibration.
+
+Throughput is measured in ``benchmarks/bench_serve.py``, not here: these tests check behaviour only.
+"""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fine_infer
+from fine_infer.errors import ConfigError, InputError
+from fine_infer.runtime.batcher import (
+    DynamicBatcher,
+    bench_batch_sizes,
+    example_feeds,
+    pick_batch_size,
+    repeat_rows,
+)
+from fine_infer.specs import GraphSpec, TensorSpec
+
+WORDS = "red blue black dress shirt bag with stripes dots long short sleeve collar".split()
+DEADLINE_S = 60  # every concurrent section is bounded in time
+
+
+def _export_maaf(out):
+    try:
+        from fine_infer.export import export_arch
+
+        export_arch("maaf", out, "tiny", force=True)
+    except ImportError:  # the registry imports every zoo family; build maaf directly while one is missing
+        import torch
+
+        from fine_infer.export import export_model
+        from fine_infer.models.maaf import MAAF, tiny_config
+
+        torch.manual_seed(0)
+        export_model(MAAF(tiny_config()).eval(), out, preset="tiny", force=True)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    out = tmp_path_factory.mktemp("batcher") / "maaf"
+    _export_maaf(out)
+    return fine_infer.load(out)
+
+
+def _requests(session, n, seed=0):
+    """Compose requests of 1-3 rows with texts of 1-12 words (so sequences differ and get padded)."""
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for _ in range(n):
+        rows = int(rng.integers(1, 4))
+        texts = [" ".join(rng.choice(WORDS, int(rng.integers(1, 13)))) for _ in range(rows)]
+        ids, mask = session.tokenize(texts)
+        px = rng.standard_normal((rows, 3, 64, 64)).astype(np.float32)
+        reqs.append({"pixels": px, "input_ids": ids, "attention_mask": mask})
+    return reqs
+
+
+class _Proxy:
+    """A session stand-in that records batch sizes and feeds, and can poison or slow runs."""
+
+    def __init__(self, inner, poison=None, delay_s=0.0):
+        self.inner, self.poison, self.delay_s = inner, poison, delay_s
+        self.manifest, self.bundle, self.backend = inner.manifest, inner.bundle, inner.backend
+        self.tokenizer = inner.tokenizer
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def run(self, graph, feeds):
+        with self.lock:
+            self.calls.append((threading.get_ident(), {k: v.copy() for k, v in feeds.items()}))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.poison is not None and self.poison(feeds):
+            raise RuntimeError("poisoned batch")
+        return self.inner.run(graph, feeds)
+
+
+def test_32_threads_get_their_own_rows_equal_to_direct_calls(session):
+    reqs = _requests(session, 96)
+    direct = [session.run("compose", r)["embedding"] for r in reqs]
+    seen = []
+    with DynamicBatcher(session, max_batch_size=16, max_delay_ms=5,
+                        on_batch=lambda g, rows, n, s: seen.append((rows, n))) as b:
+        with ThreadPoolExecutor(32) as ex:
+            outs = list(ex.map(lambda r: b.run("compose", r, timeout=DEADLINE_S)["embedding"], reqs))
+    for d, o, r in zip(direct, outs, reqs):
+        assert o.shape == (len(r["pixels"]), 32)
+        np.testing.assert_allclose(o, d, atol=1e-5)
+    assert sum(n for _, n in seen) == len(reqs)
+    assert max(n for _, n in seen) > 1, "concurrent requests were never batched"
+    assert max(rows for rows, _ in seen) <= 16  # a batch stops before the request that would overflow it
+
+
+def test_sequences_are_padded_with_pad_id_and_mask_zero(session):
+    proxy = _Proxy(session)
+    ids_a, mask_a = session.tokenize(["red dress"])
+    ids_b, mask_b = session.tokenize(["a long blue shirt with short sleeves and a collar"])
+    assert ids_a.shape[1] < ids_b.shape[1]
+    px = np.zeros((1, 3, 64, 64), np.float32)
+    with DynamicBatcher(proxy, max_batch_size=8, max_delay_ms=200, adaptive_delay=False) as b:
+        fa = b.submit("compose", {"pixels": px, "input_ids": ids_a, "attention_mask": mask_a})
+        fb = b.submit("compose", {"pixels": px, "input_ids": ids_b, "attention_mask": mask_b})
+        ea, eb = fa.result(DEADLINE_S)["embedding"], fb.result(DEADLINE_S)["embedding"]
+    merged = [f for _, f in proxy.calls if len(f["pixels"]) == 2]
+    assert merged, "the two requests did not share a batch"
+    ids, mask = merged[0]["input_ids"], merged[0]["attention_mask"]
+    width = ids_b.shape[1]
+    pad = session.manifest.text.pad_id
+    assert ids.shape == (2, width)
+    assert (ids[0, ids_a.shape[1]:] == pad).all() and (mask[0, ids_a.shape[1]:] == 0).all()
+    np.testing.assert_allclose(ea, session.run("compose", {"pixels": px, "input_ids": ids_a,
+                                                           "attention_mask": mask_a})["embedding"], atol=1e-5)
+    np.testing.assert_allclose(eb, session.run("compose", {"pixels": px, "input_ids": ids_b,
+                                                           "attention_mask": mask_b})["embedding"], atol=1e-5)
+
+
+def test_a_bad_request_fails_alone(session):
+    reqs = _requests(session, 24, seed=1)
+    bad = dict(reqs[5])
+    bad["pixels"] = bad["pixels"].copy()
+    bad["pixels"][0, 0, 0, 0] = np.nan
+    wrong = {"pixels": reqs[6]["pixels"]}  # missing inputs
+    with DynamicBatcher(session, max_batch_size=8, max_delay_ms=20, adaptive_delay=False) as b:
+        futs = [b.submit("compose", r) for r in reqs[:5]] + [b.submit("compose", bad), b.submit("compose", wrong)]
+        futs += [b.submit("compose", r) for r in reqs[7:]]
+        with pytest.raises(InputError, match="NaN"):
+            futs[5].result(DEADLINE_S)
+        with pytest.raises(InputError, match="missing"):
+            futs[6].result(DEADLINE_S)
+        good = [f for i, f in enumerate(futs) if i not in (5, 6)]
+        for f, r in zip(good, reqs[:5] + reqs[7:]):
+            np.testing.assert_allclose(f.result(DEADLINE_S)["embedding"],
+                                       session.run("compose", r)["embedding"], atol=1e-5)
+
+
+def test_a_failing_batch_is_rerun_one_by_one(session):
+    reqs = _requests(session, 12, seed=2)
+    marker = 123.0
+    reqs[3]["pixels"] = reqs[3]["pixels"].copy()
+    reqs[3]["pixels"][0, 0, 0, 0] = marker  # a request the backend chokes on (finite, so it passes the checks)
+    proxy = _Proxy(session, poison=lambda f: bool((f["pixels"][:, 0, 0, 0] == marker).any()), delay_s=0.002)
+    with DynamicBatcher(proxy, max_batch_size=32, max_delay_ms=50, adaptive_delay=False) as b:
+        futs = [b.submit("compose", r) for r in reqs]
+        for i, (f, r) in enumerate(zip(futs, reqs)):
+            if i == 3:
+                with pytest.raises(RuntimeError, match="poisoned"):
+                    f.result(DEADLINE_S)
+            else:
+                np.testing.assert_allclose(f.result(DEADLINE_S)["embedding"],
+                                           session.run("compose", r)["embedding"], atol=1e-5)
+    assert any(len(f["pixels"]) > 1 for _, f in proxy.calls), "the requests never shared a batch"
+
+
+def test_a_lone_caller_does_not_wait_for_company(session):
+    r = _requests(session, 1)[0]
+    with DynamicBatcher(session, max_batch_size=32, max_delay_ms=2000) as b:
+        b.run("compose", r, timeout=DEADLINE_S)  # starts the worker
+        t0 = time.perf_counter()
+        for _ in range(3):
+            b.run("compose", r, timeout=DEADLINE_S)
+        assert time.perf_counter() - t0 < 1.5  # three lone requests: none waited the 2 s delay
+
+
+def test_max_batch_size_one_runs_inline_like_a_direct_call(session):
+    proxy = _Proxy(session)
+    r = _requests(session, 1)[0]
+    with DynamicBatcher(proxy, max_batch_size=1) as b:
+        out = b.submit("compose", r).result(0)  # already done: it ran in this thread
+    assert proxy.calls[0][0] == threading.get_ident()
+    np.testing.assert_array_equal(out["embedding"], session.run("compose", r)["embedding"])
+
+
+def test_async_wrapper(session):
+    reqs = _requests(session, 16, seed=3)
+
+    async def main(b):
+        return await asyncio.wait_for(asyncio.gather(*(b.run_async("compose", r) for r in reqs)), DEADLINE_S)
+
+    with DynamicBatcher(session, max_batch_size=8, max_delay_ms=5) as b:
+        outs = asyncio.run(main(b))
+    for o, r in zip(outs, reqs):
+        np.testing.assert_allclose(o["embedding"], session.run("compose", r)["embedding"], atol=1e-5)
+
+
+def test_close_drains_then_refuses(session):
+    reqs = _requests(session, 6, seed=4)
+    b = DynamicBatcher(session, max_batch_size=32, max_delay_ms=300, adaptive_delay=False)
+    futs = [b.submit("compose", r) for r in reqs]
+    b.close(drain=True)
+    assert all(f.done() and f.exception() is None for f in futs)
+    with pytest.raises(RuntimeError, match="closed"):
+        b.submit("compose", reqs[0]).result(1)
+
+
+def test_calibration_measures_and_picks(session):
+    b = DynamicBatcher(session)
+    cal = b.calibrate("gallery", budget_s=3.0)
+    assert set(cal.per_item_ms) <= {1, 2, 4, 8, 16, 32} and 1 in cal.per_item_ms
+    assert cal.max_batch_size == pick_batch_size(cal.per_item_ms)
+    assert b.max_batch_size("gallery") == cal.max_batch_size
+    b.close()
+
+
+class _Timed:
+    """A fake session whose run costs ``cost(batch)`` seconds (sleep): deterministic calibration targets."""
+
+    def __init__(self, session, cost):
+        self.inner, self.cost = session, cost
+        self.manifest, self.bundle, self.backend, self.tokenizer = (session.manifest, session.bundle,
+                                                                    session.backend, session.tokenizer)
+
+    def run(self, graph, feeds):
+        time.sleep(self.cost(len(next(iter(feeds.values())))))
+        return {"embedding": np.zeros((len(next(iter(feeds.values()))), 32), np.float32)}
+
+
+def test_calibration_picks_one_for_a_compute_bound_graph_and_more_for_an_overhead_bound_one(session):
+    compute = DynamicBatcher(_Timed(session, lambda n: 0.002 * n * (1 + 0.2 * n)))  # dearer per item as it grows
+    assert compute.calibrate("gallery").max_batch_size == 1
+    overhead = DynamicBatcher(_Timed(session, lambda n: 0.004 + 0.0001 * n))  # fixed cost dominates
+    assert overhead.calibrate("gallery").max_batch_size >= 16
+
+
+def test_pick_batch_size_and_bench_results():
+    assert pick_batch_size({1: 0.23, 2: 0.16, 8: 0.12, 16: 0.111, 32: 0.11}) == 16  # within 2% of the best
+    assert pick_batch_size({1: 0.23, 2: 0.16, 8: 0.12, 16: 0.118, 32: 0.11}) == 32
+    assert pick_batch_size({1: 30.0, 2: 33.0, 4: 36.0}) == 1
+    assert pick_batch_size({}) == 1
+    result = {"rows": [
+        {"graph": "text", "backend": "onnxruntime", "batch": 1, "ms_per_item": 0.23},
+        {"graph": "text", "backend": "onnxruntime", "batch": 8, "ms_per_item": 0.11},
+        {"graph": "text", "backend": "torch", "batch": 1, "ms_per_item": 0.01},
+        {"graph": "image", "backend": "onnxruntime", "batch": 1, "ms_per_item": 30.0},
+        {"graph": "image", "backend": "onnxruntime", "batch": 8, "ms_per_item": 34.0},
+    ]}
+    assert bench_batch_sizes(result, "onnxruntime") == {"text": 8, "image": 1}
+    with pytest.raises(ConfigError, match="rows"):
+        bench_batch_sizes({"nope": 1}, "onnxruntime")
+
+
+def test_bad_settings_are_config_errors(session):
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        DynamicBatcher(session, max_batch_size=0)
+    with pytest.raises(ConfigError, match="max_delay_ms"):
+        DynamicBatcher(session, max_delay_ms=-1)
+
+
+def test_example_feeds_and_repeat_rows():
+    spec = GraphSpec("text", "embed_text",
+                     (TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                      TensorSpec("attention_mask", "int64", ("batch", "sequence"))),
+                     (TensorSpec("embedding", "float32", ("batch", 8)),))
+    f = example_feeds(spec, 3, seq_len=5)
+    assert f["input_ids"].shape == (3, 5) and (f["attention_mask"] == 1).all()
+    g = repeat_rows(f, 7)
+    assert g["input_ids"].shape == (7, 5)
+    np.testing.assert_array_equal(g["input_ids"][3:6], f["input_ids"])

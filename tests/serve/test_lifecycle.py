@@ -1,0 +1,93 @@
+"""The server as a process: `serve` on a free loopback port, readiness, graceful shutdown on SIGTERM, and the
+loopback rule from the command line."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from fine_infer.cli_serve import main
+from serve_helpers import DEADLINE_S, b64, png, run_concurrently
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready in {timeout} s")
+
+
+def test_sigterm_drains_in_flight_requests(maaf_bundle, maaf_session, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    index_args = []
+    try:  # with the index built, the same process also serves --index
+        from fine_infer.index import Index
+
+        gallery = [png(500 + i) for i in range(8)]
+        index = Index(maaf_session.manifest.embed_dim)
+        index.add(maaf_session.embed_images(gallery), list(range(8)), metadata=[{"n": i} for i in range(8)])
+        index.save(tmp_path / "gallery.idx")
+        index_args = ["--index", str(tmp_path / "gallery.idx")]
+    except ImportError:
+        pass
+    # A long batching delay keeps the requests in flight (queued) when SIGTERM arrives.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fine_infer.cli_serve", "serve", str(maaf_bundle), "--port", str(port),
+         "--max-batch-size", "8", "--max-delay-ms", "600", "--fixed-delay", "--log-level", "warning", *index_args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_ready(url, proc)
+        if index_args:
+            r = httpx.post(url + "/v1/search", json={"image": b64(gallery[3]), "k": 2}, timeout=DEADLINE_S)
+            assert r.status_code == 200 and r.json()["hits"][0]["metadata"] == {"n": 3}
+        imgs = [png(i) for i in range(4)]
+
+        def call(img):
+            with httpx.Client(timeout=DEADLINE_S) as c:
+                return c.post(url + "/v1/embed", json={"images": [b64(img)]})
+
+        import threading
+
+        results = []
+        t = threading.Thread(target=lambda: results.extend(run_concurrently(call, imgs, workers=4)))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.25)
+        proc.send_signal(signal.SIGTERM)
+        t.join(DEADLINE_S)
+        assert time.monotonic() - t0 > 0.4  # the answers came after SIGTERM: they were in flight and drained
+        assert [r.status_code for r in results] == [200] * 4
+        for img, r in zip(imgs, results):
+            np.testing.assert_allclose(r.json()["embeddings"], maaf_session.embed_images([img]), atol=1e-5)
+        # uvicorn re-raises the signal once drained, so the exit status is 'terminated by SIGTERM' (or 0)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_cli_refuses_a_public_bind_without_a_key(maaf_bundle, capsys, monkeypatch):
+    assert main(["serve", str(maaf_bundle), "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+    monkeypatch.delenv("FI_TEST_KEY", raising=False)
+    assert main(["serve", str(maaf_bundle), "--api-key-env", "FI_TEST_KEY"]) == 2
+    assert "FI_TEST_KEY" in capsys.readouterr().err

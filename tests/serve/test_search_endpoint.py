@@ -1,0 +1,63 @@
+"""/v1/search over a real index: hits, scores and metadata equal to Session + Index called directly."""
+
+import httpx
+import numpy as np
+import pytest
+
+import fine_infer
+from serve_helpers import DEADLINE_S, b64, png, run_concurrently
+
+try:
+    from fine_infer.index import Index
+except ImportError:
+    pytest.skip("fine_infer.index is not built yet", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def gallery(maaf_session):
+    imgs = [png(1000 + i) for i in range(24)]
+    index = Index(maaf_session.manifest.embed_dim)
+    index.add(maaf_session.embed_images(imgs), list(range(100, 124)),
+              metadata=[{"name": f"item-{i}"} for i in range(24)])
+    return imgs, index
+
+
+@pytest.fixture(scope="module")
+def search_server(maaf_bundle, gallery):
+    from fine_infer.serve import ServerThread, create_app
+
+    app = create_app(fine_infer.load(maaf_bundle), gallery[1], max_delay_ms=5, calibration_budget_s=2.0)
+    with ServerThread(app) as srv:
+        srv.wait_ready(timeout=60)
+        yield srv
+
+
+def test_search_by_image_and_by_image_plus_text(search_server, gallery, maaf_session):
+    imgs, index = gallery
+    jobs = [({"image": b64(imgs[i]), "k": 5}, None) for i in range(8)]
+    jobs += [({"image": b64(imgs[i]), "text": "make it red", "k": 3}, "make it red") for i in range(8)]
+
+    def call(job):
+        with httpx.Client(base_url=search_server.url, timeout=DEADLINE_S) as c:
+            return c.post("/v1/search", json=job[0])
+
+    for (body, text), r in zip(jobs, run_concurrently(call, jobs, workers=8)):
+        assert r.status_code == 200, r.text
+        img = imgs[[b64(x) for x in imgs].index(body["image"])]
+        q = maaf_session.compose([img], [text]) if text else maaf_session.embed_images([img])
+        scores, ids = index.search(q, body["k"])
+        hits = r.json()["hits"]
+        assert [h["id"] for h in hits] == [int(i) for i in ids[0]]
+        np.testing.assert_allclose([h["score"] for h in hits], scores[0], atol=1e-5)
+        assert all(h["metadata"] == index.get_metadata(h["id"]) for h in hits)
+        if text is None:
+            assert hits[0]["metadata"]["name"] == f"item-{imgs.index(img)}"  # an image finds itself first
+
+
+def test_k_larger_than_the_gallery_and_unsupported_queries(search_server, gallery):
+    with httpx.Client(base_url=search_server.url, timeout=DEADLINE_S) as c:
+        r = c.post("/v1/search", json={"image": b64(gallery[0][0]), "k": 500})
+        assert r.status_code == 200 and len(r.json()["hits"]) == len(gallery[1])
+        r = c.post("/v1/search", json={"text": "red dress"})  # maaf has no text-only graph
+        assert r.status_code == 400 and r.json()["error"]["type"] == "unsupported"
+        assert c.get("/readyz").json()["index"] is True
