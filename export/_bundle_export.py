@@ -42,6 +42,12 @@ class ExportReport:
                 + (f"max_abs {p['max_abs']:.2e} max_rel {p['max_rel']:.2e} cos {p['min_cosine']:.7f} "
                    f"top-10 {p['topk_agreement']:.3f}" if p else "-")
             )
+            for variant, row in g.get("variants", {}).items():
+                v = row.get("summary") or {}
+                lines.append(f"  {variant:<9} {row.get('file', ''):<18} gate "
+                             + (f"min cos {v['min_cosine']:.6f} top-10 {v['topk_agreement']:.3f}" if v else "skipped"))
+            for variant, text in g.get("lint", {}).items():
+                lines.append(f"  lint {variant:<5} {text}")
         return lines
 
 
@@ -101,6 +107,39 @@ def _run_jobs(
     return entries
 
 
+def _deploy_steps(
+    writer: BundleWriter,
+    entries: dict[str, GraphEntry],
+    jobs: Sequence[GraphJob],
+    report: ExportReport,
+    variants: Sequence[str],
+    lint: bool,
+    batch_sizes: Sequence[int],
+    gates: bool,
+) -> None:
+    """After the fp32 gates: write and gate the requested variants, then (``lint``) check the TensorRT-bound files
+    (fp32 and fp16) with the TensorRT op lint. A failure raises :class:`GateFailure` and nothing is written."""
+    if variants:
+        from fine_infer.export._variants import write_variants
+
+        write_variants(writer.tmp, entries, jobs, variants, report=report, batch_sizes=batch_sizes, gates=gates)
+    if not lint:
+        return
+    from fine_infer.export._lint import lint_onnx
+
+    axes = {a for job in jobs for t in job.spec.inputs for a in t.shape if isinstance(a, str)}
+    for name, entry in entries.items():
+        files = {"fp32": entry.file, **({"fp16": entry.variants["fp16"]} if "fp16" in entry.variants else {})}
+        for variant, fname in files.items():
+            lint_report = lint_onnx(writer.path(fname), profile_axes=axes)
+            report.graphs.setdefault(name, {}).setdefault("lint", {})[variant] = lint_report.summary()
+            if not lint_report.passed:
+                report.passed = False
+                report.reason = (f"TensorRT lint of {fname} failed ({len(lint_report.errors)} errors); "
+                                 f"first: {lint_report.errors[0].line()}")
+                raise GateFailure(report.reason, report)
+
+
 def _validation_block(report: ExportReport, tolerance: Tolerance, batch_sizes: Sequence[int]) -> dict[str, Any]:
     return {
         "passed": report.passed,
@@ -129,11 +168,15 @@ def export_model(
     gates: bool = True,
     include_weights: bool = True,
     preset: str | None = None,
+    variants: Sequence[str] = (),
+    lint: bool = False,
 ) -> ExportReport:
     """Export a zoo model (:class:`fine_infer.models.ZooModel`) to a bundle folder ``out``.
 
     Every graph is exported, checked with ``onnx.checker`` and compared with PyTorch at ``batch_sizes``; a
-    failing gate raises :class:`GateFailure` (an :class:`ExportError`) and nothing is written."""
+    failing gate raises :class:`GateFailure` (an :class:`ExportError`) and nothing is written. ``variants``
+    (``fp16``, ``int8``, ``cpu-opt``) are written beside each graph behind their own gates; ``lint`` checks the
+    TensorRT-bound graphs against TensorRT's ONNX operator support."""
     from fine_infer.models import config_to_dict
 
     t0 = time.perf_counter()
@@ -158,6 +201,7 @@ def export_model(
     ]
     with BundleWriter(out, force=force) as writer:
         entries = _run_jobs(jobs, writer, report, opset, exporter, tolerance, batch_sizes, gates)
+        _deploy_steps(writer, entries, jobs, report, variants, lint, batch_sizes, gates)
         tokenizer_file = None
         tok = model.build_tokenizer()
         if tok is not None:
@@ -254,6 +298,8 @@ def export_module(
     batch_sizes: Sequence[int] = DEFAULT_BATCHES,
     force: bool = False,
     gates: bool = True,
+    variants: Sequence[str] = (),
+    lint: bool = False,
 ) -> ExportReport:
     """Export any ``nn.Module`` with named example inputs to a one-graph bundle.
 
@@ -301,6 +347,7 @@ def export_module(
     report = ExportReport(str(out))
     with BundleWriter(out, force=force) as writer:
         entries = _run_jobs([job], writer, report, opset, exporter, tolerance, batch_sizes, gates)
+        _deploy_steps(writer, entries, [job], report, variants, lint, batch_sizes, gates)
         report.seconds = time.perf_counter() - t0
         manifest = Manifest(graphs=entries, files={}, source=source, versions=tool_versions(),
                             embed_dim=outs[0].shape[-1] if isinstance(outs[0].shape[-1], int) else None,

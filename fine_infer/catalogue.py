@@ -7,6 +7,7 @@ Captions and FashionIQ-style relative captions use only words of
 :data:`fine_infer.tokenization.BUILTIN_WORDS`, so the tiny tokenizers read them with no unknown token.
 
 - :func:`generate` → :class:`CatalogueItem` list; :func:`render` draws one garment and returns its silhouette mask.
+- :func:`held_out_split` → disjoint training and held-out items (training and evaluation of the tiny models).
 - :func:`relative_caption` and :func:`composed_pairs` for composed (image + text) retrieval.
 - :func:`save_catalogue` writes PNGs and ``catalogue.json``.
 """
@@ -323,14 +324,17 @@ def caption(category: str, colour: str, pattern: str, form: int = 0) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def generate(n: int, seed: int = 0, size: int = 96) -> list[CatalogueItem]:
-    """``n`` catalogue items with ids ``0..n-1``, the same for the same ``seed`` and ``size``.
+def generate(n: int, seed: int = 0, size: int = 96, start: int = 0) -> list[CatalogueItem]:
+    """``n`` catalogue items with ids ``start..start+n-1``, the same for the same ``seed`` and ``size``.
 
-    Item ``i`` depends only on ``(seed, i)``, so ``generate(10)`` is the first ten items of ``generate(100)``."""
+    Item ``i`` depends only on ``(seed, i)``, so ``generate(10)`` is the first ten items of ``generate(100)`` and
+    ``generate(5, start=5)`` the last five of ``generate(10)``."""
     if n < 0:
         raise InputError(f"catalogue size must be >= 0, got {n}")
+    if start < 0:
+        raise InputError(f"catalogue start id must be >= 0, got {start}")
     items = []
-    for i in range(n):
+    for i in range(start, start + n):
         rng = np.random.default_rng([seed, i])
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
         colour = COLOURS[rng.integers(len(COLOURS))]
@@ -339,6 +343,29 @@ def generate(n: int, seed: int = 0, size: int = 96) -> list[CatalogueItem]:
         image, _ = render(category, colour, pattern, rng, size)
         items.append(CatalogueItem(i, image, category, colour, pattern, caption(category, colour, pattern, form)))
     return items
+
+
+# Held-out items start at this id, so a training split of any size (ids 0..n-1) never overlaps them.
+HELD_OUT_START = 1_000_000
+
+
+def held_out_split(
+    n_train: int, n_test: int, seed: int = 0, size: int = 96
+) -> tuple[list[CatalogueItem], list[CatalogueItem]]:
+    """A training split (ids ``0..n_train-1``) and a held-out split (ids from :data:`HELD_OUT_START`) of one catalogue.
+
+    The two never share an image (each item is drawn from its own ``(seed, id)`` stream); they share the attribute
+    vocabulary, so held-out items repeat training combinations of category, colour and pattern with a new
+    position, scale, tilt, background, shading and pattern phase. The held-out split does not depend on
+    ``n_train``: evaluation numbers stay comparable when the training set grows."""
+    if n_train > HELD_OUT_START:
+        raise InputError(f"training split of {n_train} items would overlap the held-out ids from {HELD_OUT_START}")
+    return generate(n_train, seed, size), generate(n_test, seed, size, start=HELD_OUT_START)
+
+
+def attribute_key(item: CatalogueItem) -> tuple[str, str, str]:
+    """``(category, colour, pattern)``: items with equal keys are the same product drawn with other jitter."""
+    return (item.category, item.colour, item.pattern)
 
 
 def relative_caption(a: CatalogueItem, b: CatalogueItem) -> str:
@@ -408,13 +435,16 @@ __all__ = [
     "CATEGORIES",
     "COLOURS",
     "CatalogueItem",
+    "HELD_OUT_START",
     "PALETTE",
     "PATTERNS",
     "SHAPES",
+    "attribute_key",
     "caption",
     "composed_pairs",
     "file_name",
     "generate",
+    "held_out_split",
     "relative_caption",
     "render",
     "save_catalogue",

@@ -18,6 +18,21 @@ from fine_infer.errors import ConfigError, FineInferError, InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
+def add_backend_args(sp: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--variant``, shared by every command that runs a bundle."""
+    from fine_infer.runtime.session import BACKENDS
+
+    sp.add_argument("--backend", default="auto", choices=list(BACKENDS), help="what runs the graphs (default auto)")
+    sp.add_argument("--variant", help="graph variant written at export: fp16, int8, cpu-opt (default the fp32 graph)")
+
+
+def _load(bundle: str | Path, args: argparse.Namespace, **kwargs: Any):
+    """``fine_infer.load`` with the command's --backend/--variant."""
+    import fine_infer
+
+    return fine_infer.load(bundle, backend=args.backend, variant=args.variant, **kwargs)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=float))
 
@@ -42,7 +57,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if bool(args.arch) == bool(args.module):
         raise ConfigError("give exactly one of --arch (a zoo arch) or --module (pkg.mod:factory)")
-    common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force)
+    variants = [*(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []),
+                *(["cpu-opt"] if args.optimize == "cpu" else [])]
+    if args.triton_repo and Path(args.triton_repo).resolve() == Path(args.out).resolve():
+        raise ConfigError("--triton-repo must be a folder other than --out")
+    common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
+                  lint=args.lint)
     try:
         if args.arch:
             report = export_arch(
@@ -59,12 +79,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(failure.report.to_dict())
         raise
+    repo = None
+    if args.triton_repo:
+        from fine_infer.export._triton_repo import write_triton_repo
+
+        repo = write_triton_repo(args.out, args.triton_repo, force=args.force)
     if args.json:
         _print_json(report.to_dict())
     else:
         print(f"wrote {args.out} in {report.seconds:.1f} s; every gate passed")
         for line in report.summary_lines():
             print("  " + line)
+        if repo is not None:
+            print(f"wrote Triton Inference Server model repository {args.triton_repo}")
     return 0
 
 
@@ -96,6 +123,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         sig = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.outputs)
         print(f"graph    {name} [{g.spec.task}] {g.file} opset {g.opset}: ({sig}) -> ({outs})")
+        if g.variants:
+            print("variants " + ", ".join(f"{v} {f}" for v, f in g.variants.items()))
     if m.image:
         i = m.image
         print(f"images   resize {i.resize} {i.size} {i.interpolation}, crop {i.crop}, mean {i.mean}, std {i.std}")
@@ -124,9 +153,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Embed images and/or texts; prints JSON or writes a .npy file."""
     import numpy as np
 
-    import fine_infer
 
-    session = fine_infer.load(args.bundle, backend=args.backend)
+    session = _load(args.bundle, args)
     vectors = session.embed(images=args.image, texts=args.text)
     if args.out:
         np.save(args.out, vectors)
@@ -138,11 +166,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Embed a folder of images into an index file (or extend one with --add)."""
-    import fine_infer
     from fine_infer.index import Index
 
     files = _image_files(Path(args.folder))
-    session = fine_infer.load(args.bundle, backend=args.backend)
+    session = _load(args.bundle, args)
     out = Path(args.out)
     if args.add:
         index = Index.load(out)
@@ -168,7 +195,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Search an index by text, image, or both (composed retrieval)."""
-    import fine_infer
     from fine_infer.index import Index
 
     index = Index.load(args.index)
@@ -177,7 +203,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.index} does not record its bundle; pass --bundle")
     if not args.text and not args.image:
         raise ConfigError("give --text, --image or both")
-    session = fine_infer.load(bundle, backend=args.backend)
+    session = _load(bundle, args)
     query = session.embed(images=[args.image] if args.image else None, texts=[args.text] if args.text else None)
     scores, ids = index.search(query, args.k)
     hits = [{"id": int(i), "score": float(s), **(index.get_metadata(int(i)) or {})}
@@ -228,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--atol", type=float, default=None, help="parity gate: max abs error (default 1e-4)")
     e.add_argument("--no-weights", action="store_true", help="leave weights.safetensors out (no torch backend)")
     e.add_argument("--json", action="store_true", help="print the export report as JSON")
+    dep = e.add_argument_group("deployment variants (each written beside the fp32 graph behind its own gate)")
+    dep.add_argument("--fp16", action="store_true", help="fp16 graph for GPUs/TensorRT (gate: cosine ≥ 0.999)")
+    dep.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 graph (gate: cosine ≥ 0.99)")
+    dep.add_argument("--optimize", choices=["cpu"], help="cpu: ONNX Runtime transformer fusions (gate: 1e-4)")
+    dep.add_argument("--lint", action="store_true", help="gate on TensorRT's ONNX operator support (fp32 and fp16)")
+    dep.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository")
 
     v = add("validate", cmd_validate, "verify checksums and re-run the parity gate on fresh inputs")
     v.add_argument("bundle")
@@ -245,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--image", nargs="+", help="image files")
         sp.add_argument("--text", nargs="+", help="texts (one per image for composed queries)")
         sp.add_argument("--out", help="write a .npy file instead of printing JSON")
-        sp.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+        add_backend_args(sp)
 
     x = add("index", cmd_index, "embed a folder of images into an index file")
     x.add_argument("bundle")
@@ -255,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--add", action="store_true", help="extend an existing index")
     x.add_argument("--force", action="store_true", help="replace an existing index")
     x.add_argument("--batch-size", type=int, default=16)
-    x.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+    add_backend_args(x)
 
     s = add("search", cmd_search, "search an index by text and/or image")
     s.add_argument("index")
@@ -264,12 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image")
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--json", action="store_true")
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+    add_backend_args(s)
 
     d = add("demo", cmd_demo, "tiny end-to-end demo: export, index a generated catalogue, search, time")
     d.add_argument("--workdir", help="where to write the bundle and index (default: a temp folder)")
     d.add_argument("--items", type=int, default=48, help="catalogue size")
+
+    # Command groups with their own modules (each imports its heavy dependencies only when run).
+    from fine_infer.cli_deploy import add_commands as add_deploy_commands
+    from fine_infer.cli_serve import add_commands as add_serve_commands
+
+    add_deploy_commands(sub, add)
+    add_serve_commands(sub, add)
     return p
+
+
+# Top-level module of a missing dependency -> the pyproject extra that installs it.
+_EXTRAS = {
+    "torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+    "onnxruntime": "runtime", "tokenizers": "runtime", "PIL": "runtime",
+    "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "pydantic": "serve", "multipart": "serve",
+    "prometheus_client": "serve", "httpx": "serve", "matplotlib": "serve", "tqdm": "serve",
+    "triton": "kernels", "openvino": "openvino", "tensorrt": "tensorrt", "tritonclient": "test",
+}
+
+
+def _extra_for(exc: ImportError) -> str:
+    """The extra that provides the module ``exc`` failed to import (``all`` when unknown)."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    return _EXTRAS.get(top, "all")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fine-infer {args.command}: error: missing dependency ({exc}); "
-              "install the extra it needs, e.g. pip install 'fine-infer[export]'", file=sys.stderr)
+              f"install the extra it needs: pip install 'fine-infer[{_extra_for(exc)}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from fine_infer.cli import add_backend_args
 from fine_infer.errors import ConfigError, FineInferError
 
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_bind(args.host, api_key)  # before loading anything: a refused bind should fail fast
     if args.max_delay_ms < 0:
         raise ConfigError(f"--max-delay-ms must be >= 0, got {args.max_delay_ms}")
-    session = fine_infer.load(args.bundle, backend=args.backend, threads=args.threads)
+    session = fine_infer.load(args.bundle, backend=args.backend, variant=args.variant, threads=args.threads)
     index = None
     if args.index:
         from fine_infer.index import Index
@@ -127,7 +128,7 @@ def add_commands(sub: argparse._SubParsersAction, add: AddFn) -> None:
     s.add_argument("--mmap", action="store_true", help="memory-map the index (large galleries)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --api-key-env)")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+    add_backend_args(s)
     s.add_argument("--threads", type=_positive("--threads"), help="intra-op threads of ONNX Runtime")
     s.add_argument("--max-batch-size", type=_positive("--max-batch-size"),
                    help="rows per model run for every graph (default: measured per graph at start-up)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class OnnxRuntimeRunner(Runner):
         path: str | Path,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        session_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(spec)
         ort = _ort()
@@ -45,7 +46,9 @@ class OnnxRuntimeRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=wanted)
+            self.session = ort.InferenceSession(
+                os.fspath(path), sess_options=opts, providers=wanted, **(session_kwargs or {})
+            )
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
             raise BundleError(f"ONNX Runtime cannot load {path}: {exc}") from None
         self._outputs = [o.name for o in self.session.get_outputs()]

@@ -13,7 +13,7 @@ from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
 
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 MAX_BATCH = 1024  # bound one call's work; larger inputs should be chunked by the caller
 
 
@@ -32,12 +32,22 @@ class Session:
         device: str = "cpu",
         kernels: bool = False,
         threads: int | None = None,
+        variant: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.backend = "onnxruntime" if backend == "auto" else backend
+        self.variant = variant or "fp32"
+        if self.backend == "torch" and self.variant != "fp32":
+            raise ConfigError(f"the torch backend runs the fp32 model; variant {self.variant!r} needs backend "
+                              "'onnxruntime' (or 'tensorrt' for fp16)")
+        if self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
+            from fine_infer.runtime.variants import variant_file
+
+            for entry in self.manifest.graphs.values():
+                variant_file(entry, variant, self.backend)
         self._providers = providers
         self._device = device
         self._kernels = kernels
@@ -57,10 +67,18 @@ class Session:
 
     def _make_runner(self, graph: str) -> Runner:
         entry = self.bundle.graph(graph)
-        if self.backend == "onnxruntime":
+        if self.backend in ("onnxruntime", "tensorrt"):
+            from fine_infer.runtime.variants import ort_session_kwargs, resolve_variant
+
+            path = resolve_variant(self.bundle, entry, self.variant, self.backend)
+            if self.backend == "tensorrt":
+                from fine_infer.runtime.tensorrt_runner import TensorRTRunner
+
+                return TensorRTRunner(entry.spec, path, device=_cuda_index(self._device))
             from fine_infer.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-            return OnnxRuntimeRunner(entry.spec, self.bundle.file(entry.file), self._providers, self._threads)
+            return OnnxRuntimeRunner(entry.spec, path, self._providers, self._threads,
+                                     session_kwargs=ort_session_kwargs(self.variant))
         from fine_infer.runtime.torch_runner import TorchRunner, model_from_bundle
 
         if self._model is None:
@@ -162,7 +180,14 @@ class Session:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"Session({str(self.bundle.path)!r}, arch={m.arch or m.source!r}, backend={self.backend!r})"
+        return (f"Session({str(self.bundle.path)!r}, arch={m.arch or m.source!r}, backend={self.backend!r}, "
+                f"variant={self.variant!r})")
+
+
+def _cuda_index(device: str) -> int:
+    """``"cuda:1"`` → 1; ``"cuda"``/``"cpu"`` → 0 (TensorRT always runs on a CUDA device)."""
+    _, _, idx = device.partition(":")
+    return int(idx) if idx.isdigit() else 0
 
 
 def _batch_of(feeds: dict[str, np.ndarray]) -> int:
@@ -180,11 +205,14 @@ def load(
     kernels: bool = False,
     threads: int | None = None,
     verify: bool = True,
+    variant: str | None = None,
 ) -> Session:
     """Open a bundle for inference, verifying every file's sha256 first.
 
-    ``backend``: ``"auto"`` (ONNX Runtime, on CUDA where its provider really runs), ``"onnxruntime"`` or
-    ``"torch"`` (the zoo model in eager PyTorch, with the fused Triton kernels when ``kernels=True``).
+    ``backend``: ``"auto"`` (ONNX Runtime, on CUDA where its provider really runs), ``"onnxruntime"``,
+    ``"torch"`` (the zoo model in eager PyTorch, with the fused Triton kernels when ``kernels=True``) or
+    ``"tensorrt"`` (engines built on this device with ``fine-infer build-engine``). ``variant`` picks a graph
+    variant written at export (``fp16``, ``int8``, ``cpu-opt``; default the portable fp32 graph).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -193,4 +221,4 @@ def load(
             import torch  # noqa: F401
         except ImportError:
             raise BackendUnavailableError("backend 'torch' needs PyTorch: pip install 'fine-infer[export]'") from None
-    return Session(read_bundle(bundle, verify=verify), backend, providers, device, kernels, threads)
+    return Session(read_bundle(bundle, verify=verify), backend, providers, device, kernels, threads, variant)
