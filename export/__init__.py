@@ -26,13 +26,18 @@ def export_arch(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     overrides: dict[str, Any] | None = None,
+    recall_gate: bool | None = None,
     **kwargs: Any,
 ) -> ExportReport:
-    """Build ``arch`` at ``preset`` (with ``checkpoint`` weights) and export it; kwargs go to :func:`export_model`."""
+    """Build ``arch`` at ``preset`` (with ``checkpoint`` weights) and export it; kwargs go to :func:`export_model`.
+
+    ``recall_gate`` defaults to on for ``pretrained`` weights (trained on the catalogue the gate evaluates on) and
+    off otherwise: with random weights every recall is near chance and the gate would only cost time."""
     from fine_infer.models import create
 
     model = create(arch, preset, checkpoint=checkpoint, pretrained=pretrained, **(overrides or {}))
-    return export_model(model, out, preset=preset, **kwargs)
+    gate = pretrained if recall_gate is None else recall_gate
+    return export_model(model, out, preset=preset, recall_gate=gate, **kwargs)
 
 
 __all__ = [

@@ -27,10 +27,11 @@ class ExportReport:
     reason: str = ""
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    recall: dict[str, Any] | None = None  # the recall gate's measurement, when it ran
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "passed": self.passed, "reason": self.reason, "seconds": round(self.seconds, 2),
-                "graphs": self.graphs}
+                "graphs": self.graphs, **({"recall": self.recall} if self.recall else {})}
 
     def summary_lines(self) -> list[str]:
         """One human-readable line per graph."""
@@ -48,6 +49,11 @@ class ExportReport:
                              + (f"min cos {v['min_cosine']:.6f} top-10 {v['topk_agreement']:.3f}" if v else "skipped"))
             for variant, text in g.get("lint", {}).items():
                 lines.append(f"  lint {variant:<5} {text}")
+        if self.recall:
+            r = self.recall
+            lines.append(f"recall gate {r['metric']}: PyTorch {r['pytorch']:.2f}, "
+                         + ", ".join(f"{v} {x:.2f}" for v, x in r["variants"].items())
+                         + f" (within {r['tolerance_points']} points: {'pass' if r['passed'] else 'FAIL'})")
         return lines
 
 
@@ -170,13 +176,17 @@ def export_model(
     preset: str | None = None,
     variants: Sequence[str] = (),
     lint: bool = False,
+    recall_gate: bool = False,
+    recall_tolerance: float = 0.5,
 ) -> ExportReport:
     """Export a zoo model (:class:`fine_infer.models.ZooModel`) to a bundle folder ``out``.
 
     Every graph is exported, checked with ``onnx.checker`` and compared with PyTorch at ``batch_sizes``; a
     failing gate raises :class:`GateFailure` (an :class:`ExportError`) and nothing is written. ``variants``
     (``fp16``, ``int8``, ``cpu-opt``) are written beside each graph behind their own gates; ``lint`` checks the
-    TensorRT-bound graphs against TensorRT's ONNX operator support."""
+    TensorRT-bound graphs against TensorRT's ONNX operator support. ``recall_gate`` evaluates the finished bundle
+    (fp32, and fp16 when written) on the generated catalogue's held-out split: its headline metric
+    (:data:`fine_infer.evaluate.HEADLINE`) must be within ``recall_tolerance`` points of the PyTorch model's."""
     from fine_infer.models import config_to_dict
 
     t0 = time.perf_counter()
@@ -214,15 +224,39 @@ def export_model(
             weights_file = "weights.safetensors"
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(state, os.fspath(writer.path(weights_file)))
-        report.seconds = time.perf_counter() - t0
         manifest = Manifest(
             graphs=entries, files={}, arch=model.arch, preset=preset, config=config_to_dict(model.config),
             source="zoo", embed_dim=model.embed_dim, image=model.image_preprocess, text=text,
             tokenizer=tokenizer_file, weights=weights_file, class_labels=labels, versions=tool_versions(),
             validation=_validation_block(report, tolerance, batch_sizes),
         )
+        if recall_gate:
+            _recall_step(model, writer, manifest, report, variants, recall_tolerance)
+        report.seconds = time.perf_counter() - t0
         writer.commit(manifest)
     return report
+
+
+def _recall_step(model, writer: BundleWriter, manifest: Manifest, report: ExportReport, variants: Sequence[str],
+                 tolerance_points: float) -> None:
+    """The recall gate on the sealed (complete, not yet committed) bundle; recorded in the report and manifest."""
+    from fine_infer.evaluate import HEADLINE, recall_gate
+
+    if model.arch not in HEADLINE:
+        raise ConfigError(f"the recall gate evaluates zoo archs on the generated catalogue ({', '.join(HEADLINE)}); "
+                          f"{model.arch!r} has no protocol there: export without --recall-gate")
+    sealed = writer.seal(manifest)
+    gated = ["fp32", *(["fp16"] if "fp16" in variants else [])]
+    gate = recall_gate(model, sealed.path, gated, tolerance_points)
+    report.recall = {"metric": gate.metric, "pytorch": round(gate.reference, 2),
+                     "variants": {v: round(x, 2) for v, x in gate.variants.items()},
+                     "tolerance_points": tolerance_points, "passed": gate.passed}
+    manifest.validation["recall"] = report.recall
+    if not gate.passed:
+        report.passed = False
+        report.reason = f"recall gate failed: {gate.reason}"
+        raise GateFailure(report.reason, report)
+    writer.seal(manifest, rehash=False)
 
 
 def _probe_output_axes(module, inputs: dict[str, torch.Tensor], axes: dict[str, dict[int, str]]):

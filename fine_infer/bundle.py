@@ -215,22 +215,35 @@ class BundleWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".partial", dir=self.dest.parent))
         os.chmod(self.tmp, DIR_MODE)  # mkdtemp creates 0700
         self._committed = False
+        self._manifest: Manifest | None = None
 
     def path(self, name: str) -> Path:
         """Where to write bundle file ``name`` inside the temp folder."""
         return self.tmp / name
 
-    def commit(self, manifest: Manifest) -> Bundle:
-        """Hash every file, write the manifest, fsync, and rename the folder into place."""
-        manifest.files = {
-            p.relative_to(self.tmp).as_posix(): sha256_file(p) for p in sorted(self.tmp.rglob("*")) if p.is_file()
-        }
-        manifest.files.pop(MANIFEST, None)
+    def seal(self, manifest: Manifest, rehash: bool = True) -> Bundle:
+        """Hash every file (``rehash``) and write the manifest in the temp folder: a complete, verifiable bundle
+        at :attr:`tmp` that is not in place yet (gates that need a loadable bundle run on it before :meth:`commit`)."""
+        if rehash:
+            manifest.files = {
+                p.relative_to(self.tmp).as_posix(): sha256_file(p) for p in sorted(self.tmp.rglob("*")) if p.is_file()
+            }
+            manifest.files.pop(MANIFEST, None)
+        atomic_write_bytes(self.tmp / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n")
+        self._manifest = manifest
+        return Bundle(self.tmp, manifest)
+
+    def commit(self, manifest: Manifest | None = None) -> Bundle:
+        """Seal with ``manifest`` (unless :meth:`seal` already ran), fsync, and rename the folder into place."""
+        if manifest is not None:
+            self.seal(manifest)
+        elif self._manifest is None:
+            raise BundleError("BundleWriter.commit needs a manifest (or a prior seal)")
+        manifest = self._manifest
         for p in self.tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        atomic_write_bytes(self.tmp / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n")
         if self.dest.exists():
             old = self.dest.with_name(f".{self.dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)

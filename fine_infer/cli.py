@@ -59,6 +59,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one of --arch (a zoo arch) or --module (pkg.mod:factory)")
     variants = [*(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []),
                 *(["cpu-opt"] if args.optimize == "cpu" else [])]
+    if args.module and args.recall_gate:
+        raise ConfigError("--recall-gate evaluates zoo archs on the generated catalogue; it does not apply to --module")
     if args.triton_repo and Path(args.triton_repo).resolve() == Path(args.out).resolve():
         raise ConfigError("--triton-repo must be a folder other than --out")
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
@@ -67,6 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.arch:
             report = export_arch(
                 args.arch, args.out, args.preset, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                recall_gate=args.recall_gate,
                 overrides=_parse_overrides(args.set), graphs=args.graphs, include_weights=not args.no_weights, **common,
             )
         else:
@@ -217,7 +220,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default: export a tiny Fashion-FINE bundle, index a generated catalogue, search, time it."""
+    """The embedded default: export tiny Fashion-FINE and MAAF bundles, index a generated catalogue, search, time."""
     from fine_infer.demo import run_demo
 
     return run_demo(workdir=args.workdir, items=args.items)
@@ -260,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--optimize", choices=["cpu"], help="cpu: ONNX Runtime transformer fusions (gate: 1e-4)")
     dep.add_argument("--lint", action="store_true", help="gate on TensorRT's ONNX operator support (fp32 and fp16)")
     dep.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository")
+    e.add_argument("--recall-gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="gate on catalogue Recall@10 (fp32 and fp16 within 0.5 points of PyTorch); "
+                        "default: on with --pretrained")
 
     v = add("validate", cmd_validate, "verify checksums and re-run the parity gate on fresh inputs")
     v.add_argument("bundle")
@@ -300,12 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = add("demo", cmd_demo, "tiny end-to-end demo: export, index a generated catalogue, search, time")
     d.add_argument("--workdir", help="where to write the bundle and index (default: a temp folder)")
-    d.add_argument("--items", type=int, default=48, help="catalogue size")
+    d.add_argument("--items", type=int, default=200, help="held-out catalogue items besides the queried products")
 
     # Command groups with their own modules (each imports its heavy dependencies only when run).
     from fine_infer.cli_deploy import add_commands as add_deploy_commands
+    from fine_infer.cli_eval import add_commands as add_eval_commands
     from fine_infer.cli_serve import add_commands as add_serve_commands
 
+    add_eval_commands(sub, add)
     add_deploy_commands(sub, add)
     add_serve_commands(sub, add)
     return p

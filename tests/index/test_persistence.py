@@ -1,12 +1,10 @@
 """save / load: round trips (RAM and memory-mapped), damaged files, and a crash in the middle of a save."""
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
