@@ -23,7 +23,8 @@ def add_backend_args(sp: argparse.ArgumentParser) -> None:
     from fine_infer.runtime.session import BACKENDS
 
     sp.add_argument("--backend", default="auto", choices=list(BACKENDS), help="what runs the graphs (default auto)")
-    sp.add_argument("--variant", help="graph variant written at export: fp16, int8, cpu-opt (default the fp32 graph)")
+    sp.add_argument("--variant", help="graph variant written at export: fp16, int8, cpu-opt (default the fp32 graph); "
+                                      "with --backend openvino the precision: fp32 or bf16")
 
 
 def _load(bundle: str | Path, args: argparse.Namespace, **kwargs: Any):
@@ -102,7 +103,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Verify a bundle's checksums and re-run parity (ONNX Runtime vs PyTorch) on fresh random inputs."""
     from fine_infer.validate import validate_bundle
 
-    report = validate_bundle(args.bundle, atol=args.atol)
+    report = validate_bundle(args.bundle, atol=args.atol, backends=args.backend or (), record=not args.no_record)
     if args.json:
         _print_json(report)
     else:
@@ -138,6 +139,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if v:
         print(f"gates    {'passed' if v.get('passed') else 'FAILED'} at atol {v.get('tolerance', {}).get('atol')}, "
               f"batches {v.get('batch_sizes')}")
+    from fine_infer.tune import describe
+
+    for line in describe(bundle):
+        print(line)
     print("versions " + ", ".join(f"{k} {val}" for k, val in m.versions.items()))
     return 0
 
@@ -219,6 +224,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_catalogue(args: argparse.Namespace) -> int:
+    """Write sample garment images of the generated catalogue (PNG files and catalogue.json) into a folder."""
+    from fine_infer.catalogue import HELD_OUT_START, generate, save_catalogue
+
+    if args.items < 1:
+        raise ConfigError(f"--items must be at least 1, got {args.items}")
+    start = HELD_OUT_START if args.held_out else 0
+    path = save_catalogue(generate(args.items, args.seed, args.size, start=start), args.out)
+    print(f"wrote {args.items} images and {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: export tiny Fashion-FINE and MAAF bundles, index a generated catalogue, search, time."""
     from fine_infer.demo import run_demo
@@ -271,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle")
     v.add_argument("--atol", type=float, default=None)
     v.add_argument("--json", action="store_true")
+    v.add_argument("--backend", nargs="+", choices=["onnxruntime", "openvino"],
+                   help="also run the precision gate of each CPU path of these backends (fp32, int8, cpu-opt; "
+                        "OpenVINO f32, bf16) and record it in the manifest")
+    v.add_argument("--no-record", action="store_true", help="with --backend: report the gates, do not record them")
 
     i = add("info", cmd_info, "describe a bundle")
     i.add_argument("bundle")
@@ -304,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     add_backend_args(s)
 
+    c = add("catalogue", cmd_catalogue, "write sample garment images (the generated catalogue) to a folder")
+    c.add_argument("out", help="folder to write <id>-<category>-<colour>-<pattern>.png and catalogue.json into")
+    c.add_argument("--items", type=int, default=100)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--size", type=int, default=96, help="image side in pixels")
+    c.add_argument("--held-out", action="store_true", default=True,
+                   help="draw from the held-out split the shipped models never saw (default)")
+    c.add_argument("--training-split", dest="held_out", action="store_false", help="draw training-split items")
+
     d = add("demo", cmd_demo, "tiny end-to-end demo: export, index a generated catalogue, search, time")
     d.add_argument("--workdir", help="where to write the bundle and index (default: a temp folder)")
     d.add_argument("--items", type=int, default=200, help="held-out catalogue items besides the queried products")
@@ -312,10 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fine_infer.cli_deploy import add_commands as add_deploy_commands
     from fine_infer.cli_eval import add_commands as add_eval_commands
     from fine_infer.cli_serve import add_commands as add_serve_commands
+    from fine_infer.cli_tune import add_commands as add_tune_commands
 
     add_eval_commands(sub, add)
     add_deploy_commands(sub, add)
     add_serve_commands(sub, add)
+    add_tune_commands(sub, add)
     return p
 
 

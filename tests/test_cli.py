@@ -34,7 +34,8 @@ def image_folder(tmp_path_factory):
 
 
 def test_help_on_every_command():
-    for cmd in ("export", "validate", "info", "embed", "index", "search", "demo"):
+    for cmd in ("export", "validate", "info", "embed", "index", "search", "demo", "catalogue", "eval", "lint",
+                "build-engine", "triton-repo", "serve", "bench"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage: fine-infer " + cmd in r.stdout
 
@@ -80,3 +81,18 @@ def test_bad_inputs_are_one_line_errors(bundle, tmp_path):
         r = run(*args)
         assert r.returncode == 2, (args, r.stdout)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_catalogue_command_writes_sample_images(tmp_path):
+    out = tmp_path / "photos"
+    r = run("catalogue", str(out), "--items", "3", "--size", "64", "--seed", "5")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "catalogue.json").read_text())
+    assert [e["id"] for e in doc["items"]] == [1_000_000, 1_000_001, 1_000_002]  # held-out ids by default
+    for e in doc["items"]:
+        with Image.open(out / e["file"]) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+        assert e["file"].startswith(f"{e['id']}-{e['category']}-{e['colour']}-{e['pattern']}")
+    bad = run("catalogue", str(tmp_path / "none"), "--items", "0")
+    assert bad.returncode != 0 and "--items" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "none").exists()
