@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 
-def same_label_targets(labels: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
+def same_label_targets(
+    labels: torch.Tensor | None, n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Target distribution over a batch: uniform over the items sharing the row's label (the diagonal when
     ``labels`` is None), as ALBEF's retrieval fine-tuning does with product ids."""
     if labels is None:
-        return torch.eye(n, device=device)
-    pos = (labels[:, None] == labels[None, :]).float()
+        return torch.eye(n, device=device, dtype=dtype)
+    pos = (labels[:, None] == labels[None, :]).to(dtype)
     return pos / pos.sum(dim=1, keepdim=True)
 
 
@@ -54,7 +56,7 @@ def hnm_f_loss(
     ``labels`` (B,) marks items that are the same product (every pair with equal labels is a positive);
     ``temp`` is the softmax temperature (a learnable scalar in training, clamped to [0.001, 0.5] by the caller)."""
     sim_i2t = image_emb @ text_emb.t() / temp
-    targets = same_label_targets(labels, sim_i2t.shape[0], sim_i2t.device)
+    targets = same_label_targets(labels, sim_i2t.shape[0], sim_i2t.device, sim_i2t.dtype)
     loss_i2t = focal_contrastive_rows(sim_i2t, targets, alpha, gamma).mean()
     loss_t2i = focal_contrastive_rows(sim_i2t.t(), targets.t(), alpha, gamma).mean()
     return 0.5 * (loss_i2t + loss_t2i)
