@@ -31,12 +31,14 @@ def export_arch(
 ) -> ExportReport:
     """Build ``arch`` at ``preset`` (with ``checkpoint`` weights) and export it; kwargs go to :func:`export_model`.
 
-    ``recall_gate`` defaults to on for ``pretrained`` weights (trained on the catalogue the gate evaluates on) and
-    off otherwise: with random weights every recall is near chance and the gate would only cost time."""
+    ``recall_gate`` defaults to on for ``pretrained`` weights (trained on the catalogue the gate evaluates on) when
+    every graph is exported, and off otherwise: with random weights every recall is near chance, and a subset of the
+    graphs (``graphs=["image"]``) cannot run the retrieval protocol."""
     from fine_infer.models import create
 
     model = create(arch, preset, checkpoint=checkpoint, pretrained=pretrained, **(overrides or {}))
-    gate = pretrained if recall_gate is None else recall_gate
+    partial = set(kwargs.get("graphs") or model.graphs()) != set(model.graphs())
+    gate = (pretrained and not partial) if recall_gate is None else recall_gate
     return export_model(model, out, preset=preset, recall_gate=gate, **kwargs)
 
 

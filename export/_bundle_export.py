@@ -245,6 +245,10 @@ def _recall_step(model, writer: BundleWriter, manifest: Manifest, report: Export
     if model.arch not in HEADLINE:
         raise ConfigError(f"the recall gate evaluates zoo archs on the generated catalogue ({', '.join(HEADLINE)}); "
                           f"{model.arch!r} has no protocol there: export without --recall-gate")
+    missing = sorted(set(model.graphs()) - set(manifest.graphs))
+    if missing:
+        raise ConfigError(f"the recall gate runs {model.arch}'s retrieval protocol, which needs the graph(s) "
+                          f"{', '.join(missing)}: export every graph, or pass --no-recall-gate")
     sealed = writer.seal(manifest)
     gated = ["fp32", *(["fp16"] if "fp16" in variants else [])]
     gate = recall_gate(model, sealed.path, gated, tolerance_points)

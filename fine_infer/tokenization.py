@@ -88,41 +88,82 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def learn_bpe_merges(pieces: Sequence[str], max_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from ``pieces`` (pre-tokenized words, one count each), deterministically.
+
+    Each piece starts as its characters with ``</w>`` on the last; the most frequent adjacent pair is merged, ties
+    broken by the pair itself (lexicographic order), until ``max_merges`` merges or no pair is left. (The
+    ``tokenizers`` BPE trainer breaks ties in hash order, so its vocabulary, and every token id, changes from one
+    process to the next: a model trained on one build would be evaluated and served with another.)"""
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): 0 for w in pieces if w}
+    for w in pieces:
+        if w:
+            words[tuple(w[:-1]) + (w[-1] + "</w>",)] += 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + n
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        new_words: dict[tuple[str, ...], int] = {}
+        for symbols, n in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            new_words[tuple(out)] = new_words.get(tuple(out), 0) + n
+        words = new_words
+    return merges
+
+
 def bpe_tokenizer(max_length: int, merges_file: str | Path | None = None, padding: str = "longest"):
-    """A CLIP-style BPE tokenizer from CLIP's ``bpe_simple_vocab_16e6.txt.gz`` merges, or trained on built-in words.
+    """A CLIP-style BPE tokenizer from CLIP's ``bpe_simple_vocab_16e6.txt.gz`` merges, or from merges learned
+    (deterministically, :func:`learn_bpe_merges`) on :data:`BUILTIN_WORDS`.
 
-    Ids follow this module's convention (pad 0, start 1, end 2, then CLIP's vocabulary order), so a real CLIP
-    checkpoint's token embedding needs the matching row permutation; the arch's checkpoint filter owns that.
+    Ids follow this module's convention (pad 0, start 1, end 2, then CLIP's vocabulary order: base bytes, base
+    bytes with ``</w>``, one token per merge), so a real CLIP checkpoint's token embedding needs the matching row
+    permutation; the arch's checkpoint filter owns that.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     if merges_file is not None:
         opener = gzip.open if str(merges_file).endswith(".gz") else open
         with opener(merges_file, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in lines if m.strip()]
-        base = list(_bytes_to_unicode().values())
-        tokens = [*_CLIP_SPECIALS, *base, *(c + "</w>" for c in base), *("".join(m) for m in merges)]
-        vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None))
     else:
-        tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+        text = normalizer.normalize_str(" ".join(BUILTIN_WORDS))
+        pieces = [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+        merges = learn_bpe_merges(pieces, _BUILTIN_BPE_SIZE - len(_CLIP_SPECIALS) - 2 * 256)
+    base = list(_bytes_to_unicode().values())
+    tokens = [*_CLIP_SPECIALS, *base, *(c + "</w>" for c in base), *("".join(m) for m in merges)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    if merges_file is None:
-        trainer = trainers.BpeTrainer(
-            vocab_size=1024, special_tokens=list(_CLIP_SPECIALS), end_of_word_suffix="</w>", show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator([" ".join(BUILTIN_WORDS)] * 4, trainer=trainer)
     start, end = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", start), ("<|endoftext|>", end)]
     )
     return _with_limits(tok, max_length, tok.token_to_id("<pad>"), "<pad>", padding)
+
+
+_BUILTIN_BPE_SIZE = 1024  # ids of the built-in BPE vocabulary at most (the tiny RAF's vocab_size)
 
 
 def normalise_word_text(text: str) -> str:

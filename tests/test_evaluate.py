@@ -195,17 +195,7 @@ def pretrained_reports(training_json, recorded_threads):
     return get
 
 
-RAF_TOKENIZER = pytest.mark.xfail(
-    reason="RAF's built-in BPE vocabulary is retrained by tokenizers' BpeTrainer on every build_tokenizer() call and "
-           "comes out different each time (hash-order tie-breaking, huggingface/tokenizers#1794), so the shipped "
-           "weights meet other token ids than they were trained on; remove this mark once the tokenizer is fixed",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "arch", ["fashion-fine", "maaf", "attributes", pytest.param("raf", marks=RAF_TOKENIZER), "triplet"]
-)
+@pytest.mark.parametrize("arch", ["fashion-fine", "maaf", "attributes", "raf", "triplet"])
 def test_pretrained_model_reproduces_training_json(arch, training_json, pretrained_reports):
     """Same weights, code and data as the training run's own evaluation: the same numbers (TRAINING.json stores
     them rounded to 4 decimals), and the issue's targets where it sets one."""

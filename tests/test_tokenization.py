@@ -45,3 +45,32 @@ def test_empty_overlong_and_wrong_types_are_refused_or_truncated_on_request():
         encode(tok, [], spec)
     with pytest.raises(InputError, match="characters"):
         encode(tok, ["dress " * 2000], spec)
+
+
+def test_builtin_bpe_is_the_same_in_every_process():
+    """The tiny RAF's BPE vocabulary is learned at build time; its token ids must not depend on the process (hash
+    seed), or shipped weights would meet other ids than they were trained on."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from fine_infer.tokenization import bpe_tokenizer; "
+            "print(hashlib.sha256(bpe_tokenizer(32).to_str().encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2, 3)}
+    from fine_infer.tokenization import bpe_tokenizer
+
+    assert digests == {hashlib.sha256(bpe_tokenizer(32).to_str().encode()).hexdigest()}
+
+
+def test_learned_bpe_merges_follow_frequency_then_lexicographic_order():
+    from fine_infer.tokenization import learn_bpe_merges
+
+    # (a, b) and (b, c</w>) both occur twice: the tie goes to the smaller pair. Then every pair occurs once, and
+    # ("a", "b</w>") is the smallest of (ab, c</w>), (a, b</w>), (ab, d</w>), (b, c</w>).
+    merges = learn_bpe_merges(["abc", "ab", "abd", "bc"], 10)
+    assert merges[:2] == [("a", "b"), ("a", "b</w>")]
+    assert merges[2:] == [("ab", "c</w>"), ("ab", "d</w>"), ("b", "c</w>")]
+    assert learn_bpe_merges(["abc", "ab", "abd", "bc"], 1) == [("a", "b")]  # max_merges honoured
+    assert learn_bpe_merges(["x"], 5) == []  # one symbol: nothing to merge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fine_infer._atomic import fsync_dir
 from fine_infer.train.data import TrainData, catalogue_split
 from fine_infer.train.objectives import OBJECTIVES
 from fine_infer.train.recipes import Recipe, recipe_for
@@ -139,7 +141,11 @@ def save_weights(model: nn.Module, path: Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # safetensors creates 0600; these are package data files
     tmp.replace(path)
+    fsync_dir(path.parent)
     return path
 
 

@@ -45,7 +45,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "fashion-fine": Recipe("fashion-fine", steps=1500, lr=1e-3),
+    # 3000 steps over 8000 items: held-out t2i R@1 0.94 (1500 over 4000: 0.89; R@10 is 1.0 either way)
+    "fashion-fine": Recipe("fashion-fine", steps=3000, lr=1e-3, n_train=8000),
     "maaf": Recipe("maaf", steps=1500, lr=1e-3, pair_seeds=4),
     "raf": Recipe("raf", steps=1500, lr=1e-3, pair_seeds=4),
     "triplet": Recipe("triplet", steps=1200, lr=1e-3),

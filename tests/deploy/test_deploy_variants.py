@@ -151,3 +151,18 @@ def test_variant_resolution_and_running_the_fp16_graph(deploy_bundle):
         a, h = (ort.InferenceSession(resolve_variant(b, name, v), providers=["CPUExecutionProvider"],
                                      **ort_session_kwargs(v)).run(None, feeds)[0] for v in ("fp32", "fp16"))
         assert np.isfinite(h).all() and compare(a, h, Tolerance(atol=None, min_cosine=0.999)).passed
+
+
+@pytest.mark.slow
+def test_fashion_fine_paper_fp16_and_int8_pass_their_gates(tmp_path):
+    """The paper-size Fashion-FINE (ViT-B/16 at 256 px + 6 BERT layers): fp16 and int8 graphs behind their gates."""
+    from fine_infer.export import export_arch
+
+    report = export_arch("fashion-fine", tmp_path / "ff-paper", "paper", include_weights=False,
+                         variants=["fp16", "int8"])
+    for name, g in report.graphs.items():
+        for variant in ("fp16", "int8"):
+            row = g["variants"][variant]
+            assert row["passed"], row["reason"]
+            assert row["summary"]["min_cosine"] >= TOLERANCES[variant].min_cosine
+    read_bundle(tmp_path / "ff-paper")
