@@ -276,5 +276,6 @@ def test_retraining_fashion_fine_reproduces_the_shipped_numbers():
         result = train_arch("fashion-fine", entry["seed"], recipe)
     finally:
         torch.set_num_threads(before)
-    metric = HEADLINE["fashion-fine"]
-    assert abs(result.eval[metric] - entry["eval"][metric]) <= 0.01, (result.eval, entry["eval"])
+    assert HEADLINE["fashion-fine"] in result.eval
+    for metric, recorded in entry["eval"].items():  # R@1 included: R@10 is at its ceiling
+        assert abs(result.eval[metric] - recorded) <= 0.01, (metric, result.eval, entry["eval"])
