@@ -7,6 +7,11 @@
 2. Over HTTP, 32 concurrent clients: ``fine-infer serve`` (a subprocess) with its calibrated batch size vs
    ``--max-batch-size 1``; and the same queries made in this process on Session + Index directly, to show what the
    HTTP layer costs. The load generator shares the 2-core CPU with the server: the figures are a floor.
+3. Text search over HTTP (``POST /v1/search``, a 10k-item index): the batched server, the ``--max-batch-size 1``
+   server and 32 threads of this process calling ``Session`` + ``Index`` directly, rounds interleaved.
+
+Every comparison interleaves its sides round by round and reports medians, with the load average (other jobs
+share this machine's two cores).
 """
 
 import os
@@ -73,6 +78,48 @@ def vit_session(tmp_path_factory):
     return fine_infer.load(out)
 
 
+def _load_avg():
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+def _jiffies(pid="self"):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class _OtherJobs:
+    """CPU used by other processes while a test runs, in cores: the machine's busy time (/proc/stat) less this
+    process's and its servers'. (The load average counts this suite's own 32 client threads too.)"""
+
+    def __init__(self):
+        self.pids = []
+        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), 0
+        self.own0 = self._own()
+
+    @staticmethod
+    def _busy():
+        try:
+            v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        except (OSError, ValueError):
+            return 0
+        return sum(v) - v[3] - (v[4] if len(v) > 4 else 0)  # all but idle and iowait
+
+    def _own(self):
+        return _jiffies() + sum(_jiffies(p) for p in self.pids)
+
+    def add(self, pid):
+        self.own0 += _jiffies(pid)  # a server started after the first reading: count its CPU from now on
+        self.pids.append(pid)
+
+    def cores(self):
+        hz = os.sysconf("SC_CLK_TCK")
+        dt = time.monotonic() - self.t0
+        return round(max(0.0, (self._busy() - self.busy0) - (self._own() - self.own0)) / hz / max(dt, 1e-9), 2)
+
+
 def _closed_loop(call, clients=CLIENTS, per_client=PER_CLIENT):
     """``clients`` threads each making ``per_client`` calls back to back; the wall time in seconds."""
     barrier = threading.Barrier(clients + 1)
@@ -98,21 +145,31 @@ def _closed_loop(call, clients=CLIENTS, per_client=PER_CLIENT):
     return time.perf_counter() - t0
 
 
-def _batched_vs_unbatched(benchmark, session, graph, make_feeds, per_client, rounds, name, budget_s=5.0):
+def _batched_vs_unbatched(benchmark, session, graph, make_feeds, per_client, rounds, name, budget_s=5.0,
+                          single_thread=None):
     """Rounds of 32 threads through the calibrated batcher (benchmarked), each preceded by the same load as
     unbatched concurrent calls (``max_batch_size=1``: a direct ``session.run`` per request). Interleaving the two
     keeps a noisy neighbour on the shared CPU from favouring either."""
     feeds = make_feeds()
+    load_avg = [_load_avg()]
+    others = _OtherJobs()
     batched = DynamicBatcher(session, max_delay_ms=2)
     cal = batched.calibrate(graph, budget_s=budget_s)
     direct = DynamicBatcher(session, max_batch_size=1)
     unbatched_s = []
+    # For reference only: the same unbatched calls on a session loaded with one intra-op thread (32 concurrent
+    # single-threaded runs), the other way to keep two cores busy.
+    single = DynamicBatcher(single_thread, max_batch_size=1) if single_thread is not None else None
+    single_s = []
 
     def call_with(b):
         return lambda i, j: b.run(graph, feeds[(i * 7 + j) % len(feeds)], timeout=120)
 
     def setup():
+        load_avg.append(_load_avg())
         unbatched_s.append(_closed_loop(call_with(direct), per_client=per_client))
+        if single is not None:
+            single_s.append(_closed_loop(call_with(single), per_client=per_client))
 
     benchmark.pedantic(lambda: _closed_loop(call_with(batched), per_client=per_client), setup=setup, rounds=rounds,
                        iterations=1)
@@ -126,6 +183,13 @@ def _batched_vs_unbatched(benchmark, session, graph, make_feeds, per_client, rou
     _summary[f"{name}: unbatched req/s (32 threads)"] = u_rps
     _summary[f"{name}: batched req/s (32 threads)"] = b_rps
     _summary[f"{name}: batched / unbatched"] = b_rps / u_rps
+    _summary[f"{name}: rounds (unbatched, batched req/s)"] = tuple(
+        (round(n / u), round(n / b)) for u, b in zip(unbatched_s, benchmark.stats.stats.data))
+    _summary[f"{name}: load average"] = tuple(load_avg + [_load_avg()])
+    _summary[f"{name}: other jobs' CPU (cores)"] = others.cores()
+    if single_s:
+        _summary[f"{name}: unbatched req/s, threads=1 session (reference)"] = n / statistics.median(single_s)
+        _summary[f"{name}: batched / unbatched threads=1"] = b_rps * statistics.median(single_s) / n
 
 
 def test_inprocess_text_encoder(benchmark, text_session):
@@ -137,7 +201,8 @@ def test_inprocess_text_encoder(benchmark, text_session):
             out.append({"ids": rng.integers(1, 1000, (1, n)), "mask": np.ones((1, n), np.int64)})
         return out
 
-    _batched_vs_unbatched(benchmark, text_session, "model", make, PER_CLIENT, 5, "text encoder")
+    single = fine_infer.load(text_session.bundle.path, threads=1)
+    _batched_vs_unbatched(benchmark, text_session, "model", make, PER_CLIENT, 5, "text encoder", single_thread=single)
 
 
 def test_inprocess_compute_bound(benchmark, vit_session):
@@ -217,6 +282,10 @@ def test_http_throughput(benchmark, http_bundle):
     arch, bundle = http_bundle
     servers = {mode: _start_server(bundle, extra) for mode, extra in
                (("max-batch-size-1", ["--max-batch-size", "1"]), ("batched", []))}
+    load_avg = [_load_avg()]
+    others = _OtherJobs()
+    for proc, _ in servers.values():
+        others.add(proc.pid)
     try:
         info = bench.bench_server(servers["batched"][1], concurrency=(1,), requests=10, progress=False)["server"]
         workload = "embed_text" if "embed_text" in info["tasks"] else "compose"
@@ -229,6 +298,8 @@ def test_http_throughput(benchmark, http_bundle):
                                               max_time_s=HTTP_MAX_S))
 
         benchmark.pedantic(lambda: load("batched"), setup=lambda: load("max-batch-size-1"), rounds=3, iterations=1)
+        load_avg.append(_load_avg())
+        other_cores = others.cores()
         for _ in range(2):
             for mode in servers:
                 ones[mode].append(bench.load_test(servers[mode][1], path, body, 1, requests=300,
@@ -250,9 +321,109 @@ def test_http_throughput(benchmark, http_bundle):
                                                     round(med(ones[mode], "p99_ms"), 3))
         _summary[f"{tag} req/s (1 client)"] = med(ones[mode], "items_per_s")
     ratio = med(runs["batched"], "items_per_s") / med(runs["max-batch-size-1"], "items_per_s")
+    _summary[f"http {arch} {workload}: load average, other jobs' CPU (cores)"] = (tuple(load_avg), other_cores)
+    _summary[f"http {arch} {workload} rounds (max-batch-size-1, batched req/s)"] = tuple(
+        (round(u["items_per_s"]), round(b["items_per_s"])) for u, b in zip(runs["max-batch-size-1"], runs["batched"]))
     _summary[f"http {arch} {workload}: batched / max-batch-size-1 (32 clients)"] = ratio
     benchmark.extra_info.update({"ratio": ratio, "server_batch_sizes": {g: v["max_batch_size"]
                                                                         for g, v in info["graphs"].items()}})
+
+
+SEARCH_GALLERY = 10_000
+SEARCH_ROUNDS = 5
+
+
+def _gallery(dim, path):
+    """A generated catalogue: 10k random unit vectors with a little metadata each, saved to ``path``."""
+    from fine_infer.index import Index
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((SEARCH_GALLERY, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    colours, kinds = ("red", "blue", "black", "white"), ("dress", "shirt", "bag", "coat", "skirt")
+    index = Index(dim)
+    index.add(x, np.arange(SEARCH_GALLERY) + 10_000, metadata=[
+        {"sku": f"SKU-{i:05d}", "title": f"{colours[i % 4]} {kinds[i % 5]}", "price": round(10 + i % 90 * 1.5, 2)}
+        for i in range(SEARCH_GALLERY)])
+    index.save(path)
+    return Index.load(path)
+
+
+def test_http_search(benchmark, http_bundle, tmp_path):
+    """Text search over HTTP (32 clients, ``POST /v1/search {"text", "k": 10}``, 10k-item index) against the same
+    queries made in this process by 32 threads calling ``Session`` + ``Index`` directly (embed, search, read each
+    hit's metadata: what the server answers). Three sides, their rounds interleaved: the in-process calls, the
+    server with batching (calibrated), the server with ``--max-batch-size 1``. Medians over the rounds."""
+    pytest.importorskip("fine_infer.index")
+    arch, bundle = http_bundle
+    session = fine_infer.load(bundle)
+    tasks = {g.spec.task for g in session.manifest.graphs.values()}
+    if "embed_text" not in tasks:
+        pytest.skip(f"{arch} has no text-only graph")
+    index = _gallery(session.manifest.embed_dim, tmp_path / "gallery.idx")
+    text = bench.QUERY_TEXT
+
+    def direct(i, j):
+        q = session.embed_texts([text])
+        scores, ids = index.search(q, 10)
+        return [index.get_metadata(int(h)) for h in ids[0]]
+
+    for _ in range(20):
+        direct(0, 0)
+    servers = {mode: _start_server(bundle, ["--index", str(tmp_path / "gallery.idx"), *extra]) for mode, extra in
+               (("max-batch-size-1", ["--max-batch-size", "1"]), ("batched", []))}
+    load_avg = [_load_avg()]
+    others = _OtherJobs()
+    for proc, _ in servers.values():
+        others.add(proc.pid)
+    in_process: list[float] = []
+    runs: dict[str, list] = {m: [] for m in servers}
+    try:
+        body = {"text": text, "k": 10}
+        sides = ["in-process", *servers]
+        for r in range(SEARCH_ROUNDS):
+            for side in sides if r % 2 == 0 else sides[::-1]:  # alternate the order too
+                if side == "in-process":
+                    in_process.append(CLIENTS * 100 / _closed_loop(direct, per_client=100))
+                else:
+                    runs[side].append(bench.load_test(servers[side][1], "/v1/search", body, CLIENTS,
+                                                      requests=HTTP_REQUESTS, max_time_s=HTTP_MAX_S))
+            load_avg.append(_load_avg())
+        other_cores = others.cores()
+        # The answers are the direct call's (ids, scores and metadata), checked once per server.
+        import httpx
+
+        q = session.embed_texts([text])
+        want_s, want_i = index.search(q, 10)
+        for mode, (_, url) in servers.items():
+            hits = httpx.post(url + "/v1/search", json=body, timeout=30).json()["hits"]
+            assert [h["id"] for h in hits] == [int(i) for i in want_i[0]]
+            np.testing.assert_allclose([h["score"] for h in hits], want_s[0], atol=1e-5)
+            assert [h["metadata"] for h in hits] == [index.get_metadata(int(i)) for i in want_i[0]]
+    finally:
+        for proc, _ in servers.values():
+            _stop(proc)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the interleaved rounds above
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    tag = f"http search {arch} (10k index)"
+    _summary[f"{tag}: load average during the rounds"] = tuple(load_avg)
+    _summary[f"{tag}: other jobs' CPU (cores)"] = other_cores
+    _summary[f"{tag}: in-process Session+Index, 32 threads, req/s"] = statistics.median(in_process)
+    _summary[f"{tag}: in-process rounds"] = tuple(round(x) for x in in_process)
+    for mode in servers:
+        assert all(r["errors"] == 0 for r in runs[mode]), [r["error_statuses"] for r in runs[mode]]
+        _summary[f"{tag} {mode} req/s (32 clients)"] = med(runs[mode], "items_per_s")
+        _summary[f"{tag} {mode} rounds"] = tuple(round(r["items_per_s"]) for r in runs[mode])
+        _summary[f"{tag} {mode} p50/p99 ms (32 clients)"] = (round(med(runs[mode], "p50_ms"), 2),
+                                                            round(med(runs[mode], "p99_ms"), 2))
+    b, u = med(runs["batched"], "items_per_s"), med(runs["max-batch-size-1"], "items_per_s")
+    _summary[f"{tag}: batched / max-batch-size-1"] = b / u
+    _summary[f"{tag}: HTTP batched / in-process"] = b / statistics.median(in_process)
+    benchmark.extra_info.update({"in_process": in_process, "batched": runs["batched"],
+                                 "max_batch_size_1": runs["max-batch-size-1"], "load_avg": load_avg})
 
 
 def test_direct_session_calls(benchmark, http_bundle):

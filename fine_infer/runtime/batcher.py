@@ -14,7 +14,13 @@ merged several), so a lone caller runs at once::
 Inputs with a ``sequence`` axis are padded to the batch's longest (ids with the manifest's ``pad_id``, masks with
 0); a graph whose outputs follow that axis gets its rows cut back to each request's own length. A request that
 fails fails alone: feeds are checked before they are queued, and if a batch run raises, its requests are re-run
-one by one so only the bad one gets the exception.
+one by one so only the bad one gets the exception. ``run_async(graph, feeds, texts=[...])`` leaves tokenizing to
+the worker: one tokenizer call for the batch's texts, none on the caller's event loop.
+
+What a request costs besides its share of the model is Python run under the GIL, one request after another, so it is
+kept small: a blocking :meth:`DynamicBatcher.run` waits on a lock of its own that the worker releases (no
+``Future``), asyncio callers are answered with one call into their loop per batch, and each caller gets views of
+its own rows of the batch's outputs rather than copies.
 
 Batching pays only where a graph is not compute-bound on this machine (a tiny text encoder runs ~2× cheaper per
 item at batch 8-32 on a 2-core CPU; a ViT-S/16 runs *dearer* per item). So ``max_batch_size`` is measured per graph
@@ -29,9 +35,10 @@ import asyncio
 import collections
 import json
 import math
+import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -44,9 +51,18 @@ from fine_infer.specs import GraphSpec, TextPreprocess
 
 PAD_AXES = ("sequence",)  # dynamic axes the batcher may pad; any other differing dynamic axis splits the batch
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
+# Batch 1 is timed with this many callers at once: with max_batch_size 1 every caller runs the graph in its own
+# thread, and concurrent runs share the cores better than one run alone does (a ViT-S-like graph: 17-19 ms per item
+# with 8 callers on two cores, 21-25 ms with 2, 17 ms with 32 direct callers). That is what a batch has to beat.
+CALIBRATION_CALLERS = max(1, min(8, 4 * (os.cpu_count() or 1)))
 DEFAULT_MAX_DELAY_MS = 2.0
 # A batch size is "as good as the best" within this margin; the smallest such size wins (shorter batches).
 NEAR_BEST = 1.02
+# Batching must save at least this much per item over (concurrent) batch-1 runs, or it is not used: a batch runs in
+# one worker thread, and on a CPU shared with other processes that thread gets a smaller share than many callers'
+# threads do. A ViT-S-like graph measured 9% cheaper per item at batch 2-8 in calibration and then served 15% fewer
+# requests than direct calls on the shared 2-core box (benchmarks/RESULTS.md, Serving).
+MIN_BATCH_GAIN = 1.15
 
 Feeds = dict[str, np.ndarray]
 BatchCallback = Callable[[str, int, int, float], None]
@@ -68,12 +84,87 @@ class Calibration:
                 "max_batch_size": self.max_batch_size, "seconds": self.seconds, "source": self.source}
 
 
-@dataclass
 class _Request:
-    feeds: Feeds
-    rows: int
-    future: Future
-    enqueued: float
+    """One caller's request. Its answer reaches the caller one of three ways: a released lock (the blocking
+    :meth:`DynamicBatcher.run`: the cheapest hand-off there is between threads), a concurrent Future
+    (:meth:`DynamicBatcher.submit`) or an asyncio future on the caller's event loop (:meth:`DynamicBatcher.run_async`)."""
+
+    __slots__ = ("feeds", "rows", "texts", "truncate", "enqueued", "future", "loop", "afut", "lock", "result",
+                 "error", "abandoned")
+
+    def __init__(self, feeds: Feeds, rows: int, future: Future | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None, afut: asyncio.Future | None = None,
+                 texts: list[str] | None = None, truncate: bool = False) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.texts = texts  # to tokenize in the worker (with the batch's other texts) into input_ids/attention_mask
+        self.truncate = truncate
+        self.enqueued = time.perf_counter()
+        self.future = future
+        self.loop = loop
+        self.afut = afut
+        self.lock: threading.Lock | None = None
+        if future is None and afut is None:
+            self.lock = threading.Lock()
+            self.lock.acquire()  # released by the worker once the answer is in
+        self.result: Feeds | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False  # a blocking caller that timed out
+
+    def start(self) -> bool:
+        """Called as the request is taken into a batch: False when its caller has given up (skip it)."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        if self.afut is not None:
+            return not self.afut.cancelled()  # a disconnected HTTP client's request is not run
+        return not self.abandoned
+
+    def wait(self, timeout: float | None) -> Feeds:
+        """The blocking caller's side: this request's outputs, or its exception raised."""
+        assert self.lock is not None
+        if not self.lock.acquire(True, -1 if timeout is None else timeout):
+            self.abandoned = True
+            raise TimeoutError(f"no answer from the batcher within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+Answer = tuple[_Request, "Feeds | None", "BaseException | None"]
+
+
+def _answer(answers: list[Answer]) -> None:
+    """Hand every request its outputs or its exception. Requests from asyncio callers are resolved with one call
+    per event loop (one wake-up of the loop for the whole batch, not one per request)."""
+    loops: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
+    for a in answers:
+        r, out, err = a
+        if r.lock is not None:
+            r.result, r.error = out, err
+            r.lock.release()
+        elif r.future is not None:
+            if err is None:
+                r.future.set_result(out)
+            else:
+                r.future.set_exception(err)
+        else:
+            loops.setdefault(r.loop, []).append(a)  # type: ignore[arg-type]
+    for loop, items in loops.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_async, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _resolve_async(items: list[Answer]) -> None:
+    for r, out, err in items:
+        f = r.afut
+        if f is not None and not f.done():  # done: cancelled meanwhile (the client went away)
+            if err is None:
+                f.set_result(out)
+            else:
+                f.set_exception(err)
 
 
 @dataclass
@@ -87,10 +178,13 @@ class _GraphQueue:
 
 
 def pick_batch_size(per_item_ms: Mapping[int, float]) -> int:
-    """The smallest batch size whose per-item cost is within 2% of the cheapest measured (1 if none measured)."""
+    """The smallest batch size whose per-item cost is within 2% of the cheapest measured; but 1 (no batching) when
+    no batch size saves at least ``MIN_BATCH_GAIN`` over batch 1, or nothing was measured."""
     if not per_item_ms:
         return 1
     best = min(per_item_ms.values())
+    if 1 in per_item_ms and per_item_ms[1] <= best * MIN_BATCH_GAIN:
+        return 1
     return min(b for b, ms in per_item_ms.items() if ms <= best * NEAR_BEST)
 
 
@@ -238,8 +332,9 @@ class DynamicBatcher:
         """Measure per-item cost at each batch size and set ``graph``'s ``max_batch_size`` to the best.
 
         ``sample`` (default: synthetic feeds) is repeated to each batch size. Each size gets a warm-up run, then
-        at least 3 timed runs, in two passes (ascending, then descending); its fastest run counts. The first pass
-        stops early once a size costs 25% more per item than the best so far (compute-bound: bigger only gets
+        at least 3 timed runs, in two passes (ascending, then descending); its fastest run counts. Batch 1 is timed
+        as ``CALIBRATION_CALLERS`` concurrent callers (what unbatched requests get). The first pass
+        stops early once a size costs 25% more per item than the best batch so far (compute-bound: bigger only gets
         worse) or half the time budget is spent.
         Graphs whose outputs do not follow the batch axis cannot be batched and get 1.
         """
@@ -260,24 +355,28 @@ class DynamicBatcher:
                 # Two passes, ascending then descending, keeping each size's fastest run: a noisy neighbour on a
                 # shared CPU only ever adds time, and a drift during the first pass is not mistaken for a trend.
                 for b in sizes:
-                    per_item[b] = self._time_per_item(graph, repeat_rows(sample, b))
-                    if per_item[b] > 1.25 * min(per_item.values()):
+                    per_item[b] = self._time_per_item(graph, repeat_rows(sample, b), b == 1)
+                    batched = [v for k, v in per_item.items() if k > 1]  # (batch 1 is timed differently)
+                    if len(batched) > 1 and per_item[b] > 1.25 * min(batched):
                         break  # compute-bound: bigger batches only cost more per item
                     if time.perf_counter() - t_start > budget / 2:
                         break
                 for b in sorted(per_item, reverse=True):
                     if time.perf_counter() - t_start > budget:
                         break
-                    per_item[b] = min(per_item[b], self._time_per_item(graph, repeat_rows(sample, b)))
+                    per_item[b] = min(per_item[b], self._time_per_item(graph, repeat_rows(sample, b), b == 1))
             cal = Calibration(graph, per_item, pick_batch_size(per_item), time.perf_counter() - t_start)
         self._sizes[graph] = cal.max_batch_size
         self.calibrations[graph] = cal
         return cal
 
-    def _time_per_item(self, graph: str, feeds: Feeds) -> float:
-        """Fastest of >= 3 runs (and >= 0.05 s, at most 50 runs) after a warm-up run, in ms per item."""
+    def _time_per_item(self, graph: str, feeds: Feeds, concurrent: bool = False) -> float:
+        """Fastest of >= 3 runs (and >= 0.05 s, at most 50 runs) after a warm-up run, in ms per item; with
+        ``concurrent``, of rounds in which ``CALIBRATION_CALLERS`` threads run at once."""
         b = _rows(feeds)
         self.session.run(graph, feeds)  # warm-up (first runs at a new shape allocate)
+        if concurrent and CALIBRATION_CALLERS > 1:
+            return self._time_concurrent(graph, feeds, CALIBRATION_CALLERS)
         best = math.inf
         runs = 0
         t_b = time.perf_counter()
@@ -287,6 +386,24 @@ class DynamicBatcher:
             best = min(best, time.perf_counter() - t0)
             runs += 1
         return best * 1e3 / b
+
+    def _time_concurrent(self, graph: str, feeds: Feeds, callers: int) -> float:
+        """ms per item of ``callers`` threads each making ``m`` runs at once: the fastest of >= 3 rounds."""
+        t0 = time.perf_counter()
+        self.session.run(graph, feeds)
+        m = max(2, min(100, int(0.004 / max(time.perf_counter() - t0, 1e-6))))  # rounds of ~4 ms or more
+        best = math.inf
+        rounds = 0
+        with ThreadPoolExecutor(callers) as ex:
+            t_b = time.perf_counter()
+            while rounds < 3 or (time.perf_counter() - t_b < 0.1 and rounds < 20):
+                t0 = time.perf_counter()
+                for f in [ex.submit(lambda: [self.session.run(graph, feeds) for _ in range(m)])
+                          for _ in range(callers)]:
+                    f.result()
+                best = min(best, time.perf_counter() - t0)
+                rounds += 1
+        return best * 1e3 / (callers * m * _rows(feeds))
 
     def calibrate_all(self, budget_s: float | None = None) -> dict[str, Calibration]:
         """Calibrate every graph of the bundle that has no batch size yet."""
@@ -302,23 +419,38 @@ class DynamicBatcher:
         Bad feeds (names, dtypes, shapes, NaN) fail the returned future at once and never reach a batch. With a
         ``max_batch_size`` of 1 the graph runs in the calling thread, exactly like a direct ``session.run``.
         """
+        fut: Future = Future()
         if self.max_batch_size(graph) == 1 and not self._closed:
-            fut: Future = Future()
             fut.set_running_or_notify_cancel()
             try:
                 fut.set_result(self.session.run(graph, feeds))
             except Exception as exc:  # noqa: BLE001 - the caller gets its own exception through the future
                 fut.set_exception(exc)
             return fut
-        return self._enqueue(graph, feeds)
+        try:
+            self._enqueue(graph, feeds, future=fut)
+        except Exception as exc:  # noqa: BLE001 - a bad request fails alone, before it can join a batch
+            fut.set_exception(exc)
+        return fut
 
     def run(self, graph: str, feeds: Feeds, timeout: float | None = None) -> Feeds:
-        """Blocking :meth:`submit`: this request's outputs."""
-        return self.submit(graph, feeds).result(timeout)
+        """Blocking :meth:`submit`: this request's outputs (raises its exception; TimeoutError after ``timeout``)."""
+        if self.max_batch_size(graph) == 1 and not self._closed:
+            return self.session.run(graph, feeds)
+        return self._enqueue(graph, feeds).wait(timeout)
 
-    async def run_async(self, graph: str, feeds: Feeds) -> Feeds:
-        """From asyncio: queue ``feeds`` (always to the worker thread, never blocking the event loop) and await."""
-        return await asyncio.wrap_future(self._enqueue(graph, feeds))
+    async def run_async(self, graph: str, feeds: Feeds, *, texts: Sequence[str] | None = None,
+                        truncate: bool = False) -> Feeds:
+        """From asyncio: queue ``feeds`` (always to the worker thread, never blocking the event loop) and await.
+
+        ``texts``: strings for the graph's ``input_ids`` / ``attention_mask``, tokenized in the worker together
+        with the rest of the batch's texts (one tokenizer call per batch, and none on the event loop, where each
+        call gives up the GIL and must win it back). ``feeds`` then holds the other inputs, if any."""
+        loop = asyncio.get_running_loop()
+        afut = loop.create_future()
+        self._enqueue(graph, feeds, loop=loop, afut=afut, texts=None if texts is None else list(texts),
+                      truncate=truncate)
+        return await afut
 
     def queue_depth(self, graph: str | None = None) -> int:
         """Requests waiting (for one graph, or all)."""
@@ -329,28 +461,30 @@ class DynamicBatcher:
         """Graphs that have a worker."""
         return list(self._queues)
 
-    def _enqueue(self, graph: str, feeds: Feeds) -> Future:
-        fut: Future = Future()
+    def _enqueue(self, graph: str, feeds: Feeds, **how: Any) -> _Request:
+        """Check ``feeds`` (raising for bad ones: they never join a batch) and queue them; ``how``: the answer's way."""
         if self._closed:
-            fut.set_exception(RuntimeError("the batcher is closed (the server is shutting down)"))
-            return fut
-        try:
-            q = self._queue(graph)
+            raise RuntimeError("the batcher is closed (the server is shutting down)")
+        q = self._queue(graph)
+        texts = how.get("texts")
+        if texts is None:
             checked = check_feeds(q.spec, feeds)
-        except Exception as exc:  # noqa: BLE001 - a bad request fails alone, before it can join a batch
-            fut.set_exception(exc)
-            return fut
-        rows = _rows(checked)
+            rows = _rows(checked)
+        else:  # checked in the worker once tokenized, before the request joins a batch
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise InputError("texts must be a non-empty list of strings")
+            checked, rows = dict(feeds), len(texts)
+        req = _Request(checked, rows, **how)
         limit = self.max_batch_size(graph)
         with q.cond:
             was_empty = not q.queue
-            q.queue.append(_Request(checked, rows, fut, time.perf_counter()))
+            q.queue.append(req)
             q.rows += rows
             # Wake the worker only when it has something new to do: a first request to wait on, or a full batch.
             # Waking it on every request costs a thread switch each, which is most of a tiny model's cost.
             if was_empty or limit is None or q.rows >= limit:
                 q.cond.notify()
-        return fut
+        return req
 
     def _queue(self, graph: str) -> _GraphQueue:
         q = self._queues.get(graph)
@@ -368,19 +502,38 @@ class DynamicBatcher:
     # --- the worker ---------------------------------------------------------------------------------------------
     def _worker(self, graph: str, q: _GraphQueue) -> None:
         while True:
-            with q.cond:
-                while not q.queue and not self._closed:
-                    q.cond.wait()
-                if not q.queue:
-                    return  # closed and drained
-            limit = self.max_batch_size(graph)
-            if limit is None:
-                try:
-                    limit = self.calibrate(graph).max_batch_size
-                except Exception:  # noqa: BLE001 - never let calibration kill the worker; run unbatched
-                    limit = 1
-                    self._sizes[graph] = 1
-            with q.cond:
+            taken = self._take(graph, q)
+            if taken is None:
+                return  # closed and drained
+            failed: list[Answer] = []
+            if any(r.texts is not None for r in taken):
+                taken = self._tokenize(q.spec, taken, failed)
+            answers, stats = self._run_batch(graph, q.spec, taken) if taken else ([], [])
+            _answer(answers + failed)
+            if self.on_batch is not None:
+                for rows, n, seconds in stats:
+                    try:
+                        self.on_batch(graph, rows, n, seconds)
+                    except Exception:  # noqa: BLE001 - metrics must never break serving
+                        pass
+
+    def _take(self, graph: str, q: _GraphQueue) -> list[_Request] | None:
+        """The next batch: waits for a first request, then (adaptive delay) for company; None once closed and empty."""
+        with q.cond:
+            while not q.queue and not self._closed:
+                q.cond.wait()
+            if not q.queue:
+                return None
+        limit = self.max_batch_size(graph)
+        if limit is None:
+            try:
+                limit = self.calibrate(graph).max_batch_size
+            except Exception:  # noqa: BLE001 - never let calibration kill the worker; run unbatched
+                limit = 1
+                self._sizes[graph] = 1
+        taken: list[_Request] = []
+        with q.cond:
+            if q.queue:
                 deadline = q.queue[0].enqueued + self.max_delay_s
                 # Wait for batch-mates only when there is company to expect: more than one request queued, or the
                 # previous batch merged several. A lone caller (e.g. one client) never pays the delay.
@@ -390,43 +543,77 @@ class DynamicBatcher:
                     if left <= 0:
                         break
                     q.cond.wait(left)
-                taken: list[_Request] = []
-                rows = 0
-                while q.queue and (not taken or rows + q.queue[0].rows <= limit):
-                    r = q.queue.popleft()
-                    q.rows -= r.rows
-                    if r.future.set_running_or_notify_cancel():  # False: the caller gave up (disconnected)
-                        taken.append(r)
-                        rows += r.rows
+            rows = 0
+            while q.queue and (not taken or rows + q.queue[0].rows <= limit):
+                r = q.queue.popleft()
+                q.rows -= r.rows
+                if r.start():
+                    taken.append(r)
+                    rows += r.rows
             if taken:
                 q.last_requests = len(taken)
-                self._run_batch(graph, q.spec, taken)
+        return taken
 
-    def _run_batch(self, graph: str, spec: GraphSpec, reqs: list[_Request]) -> None:
+    def _tokenize(self, spec: GraphSpec, reqs: list[_Request], failed: list[Answer]) -> list[_Request]:
+        """Tokenize the requests' texts (one call for the batch; one per request if that call fails, so a bad text
+        fails alone), check their feeds, and return the requests ready to run (the others' errors go to ``failed``).
+        Each request's rows keep the width a direct ``session.tokenize`` of its own texts gives."""
+        ready = [r for r in reqs if r.texts is None]
+        pad_to_max = self._text is not None and self._text.padding == "max_length"
+        for flag in (False, True):
+            group = [r for r in reqs if r.texts is not None and r.truncate == flag]
+            if not group:
+                continue
+            parts = []
+            try:
+                ids, mask = self.session.tokenize([t for r in group for t in r.texts], truncate=flag)
+                lo = 0
+                for r in group:
+                    parts.append((r, ids[lo:lo + r.rows], mask[lo:lo + r.rows]))
+                    lo += r.rows
+            except Exception:  # noqa: BLE001 - find the culprit: one call per request
+                for r in group:
+                    try:
+                        parts.append((r, *self.session.tokenize(r.texts, truncate=flag)))
+                    except Exception as exc:  # noqa: BLE001
+                        failed.append((r, None, exc))
+            for r, i, m in parts:
+                if not pad_to_max:
+                    width = int(m.sum(axis=1).max())
+                    i, m = i[:, :width], m[:, :width]
+                try:
+                    r.feeds = check_feeds(spec, {**r.feeds, "input_ids": i, "attention_mask": m})
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((r, None, exc))
+                else:
+                    ready.append(r)
+        return ready
+
+    def _run_batch(self, graph: str, spec: GraphSpec,
+                   reqs: list[_Request]) -> tuple[list[Answer], list[tuple[int, int, float]]]:
+        """Run ``reqs`` (merged where their shapes allow); every request's answer, and per run (rows, requests, s)."""
+        answers: list[Answer] = []
+        stats = []
         for group in _groups(spec, reqs):
             t0 = time.perf_counter()
             if len(group) == 1:
-                self._run_one(graph, group[0])
+                answers.append(self._run_one(graph, group[0]))
             else:
                 try:
                     merged, lengths = self._merge(spec, group)
                     out = self.session.run(graph, merged)
                 except Exception:  # noqa: BLE001 - find the culprit: re-run one by one, each gets its own answer
-                    for r in group:
-                        self._run_one(graph, r)
+                    answers.extend(self._run_one(graph, r) for r in group)
                 else:
-                    self._split(spec, out, group, lengths)
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(graph, sum(r.rows for r in group), len(group), time.perf_counter() - t0)
-                except Exception:  # noqa: BLE001 - metrics must never break serving
-                    pass
+                    _split(spec, out, group, lengths, answers)
+            stats.append((sum(r.rows for r in group), len(group), time.perf_counter() - t0))
+        return answers, stats
 
-    def _run_one(self, graph: str, r: _Request) -> None:
+    def _run_one(self, graph: str, r: _Request) -> Answer:
         try:
-            r.future.set_result(self.session.run(graph, r.feeds))
+            return r, self.session.run(graph, r.feeds), None
         except Exception as exc:  # noqa: BLE001
-            r.future.set_exception(exc)
+            return r, None, exc
 
     def _merge(self, spec: GraphSpec, reqs: list[_Request]) -> tuple[Feeds, dict[str, list[int]]]:
         merged: Feeds = {}
@@ -441,46 +628,36 @@ class DynamicBatcher:
                 shape[i] = max(a.shape[i] for a in arrays)
                 lengths.setdefault(t.shape[i], [a.shape[i] for a in arrays])
             if pad_dims and any(a.shape[i] != shape[i] for a in arrays for i in pad_dims):
-                # One allocation filled with the pad value, each request copied into its corner (np.pad per
-                # request costs more than a tiny model's run).
                 value = 0 if "mask" in t.name.lower() else self._pad_id
                 out = np.full(shape, value, dtype=arrays[0].dtype)
-                lo = 0
-                for a in arrays:
-                    out[(slice(lo, lo + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
-                    lo += a.shape[0]
+                if pad_dims == [1] and len(shape) == 2:
+                    # (batch, sequence): every row's tokens go to the start of its padded row, in one scatter.
+                    own = np.repeat([a.shape[1] for a in arrays], [a.shape[0] for a in arrays])
+                    out[np.arange(shape[1]) < own[:, None]] = np.concatenate([a.ravel() for a in arrays])
+                else:  # each request copied into its corner
+                    lo = 0
+                    for a in arrays:
+                        out[(slice(lo, lo + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
+                        lo += a.shape[0]
                 merged[t.name] = out
             else:
                 merged[t.name] = np.concatenate(arrays, axis=0)
         return merged, lengths
 
-    @staticmethod
-    def _split(spec: GraphSpec, out: Feeds, reqs: list[_Request], lengths: dict[str, list[int]]) -> None:
-        lo = 0
-        for k, r in enumerate(reqs):
-            hi = lo + r.rows
-            mine: Feeds = {}
-            for t in spec.outputs:
-                arr = out[t.name][lo:hi]
-                for i, d in enumerate(t.shape):
-                    if i > 0 and d in lengths:  # an output that follows a padded axis: cut back to this request's
-                        arr = np.take(arr, range(lengths[d][k]), axis=i)
-                mine[t.name] = arr.copy()  # no view into the batch: callers own their arrays
-            r.future.set_result(mine)
-            lo = hi
-
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop the workers. ``drain``: answer every queued request first; else fail them (RuntimeError)."""
         self._closed = True
         for q in list(self._queues.values()):
+            failed: list[Answer] = []
             with q.cond:
                 if not drain:
                     while q.queue:
                         r = q.queue.popleft()
-                        if r.future.set_running_or_notify_cancel():
-                            r.future.set_exception(RuntimeError("the batcher was closed before this request ran"))
+                        if r.start():
+                            failed.append((r, None, RuntimeError("the batcher was closed before this request ran")))
                     q.rows = 0
                 q.cond.notify_all()
+            _answer(failed)
         for q in list(self._queues.values()):
             if q.thread is not None:
                 q.thread.join(timeout)
@@ -513,3 +690,22 @@ def _groups(spec: GraphSpec, reqs: list[_Request]) -> list[list[_Request]]:
     for r in reqs:
         groups.setdefault(tuple(r.feeds[n].shape[i] for n, i in fixed), []).append(r)
     return list(groups.values())
+
+
+def _split(spec: GraphSpec, out: Feeds, reqs: list[_Request], lengths: dict[str, list[int]],
+           answers: list[Answer]) -> None:
+    """Each request's own rows of the batch's outputs: views (the rows are disjoint, so no caller sees another's
+    writes; a copy per request costs more than a tiny model's share of the run), cut back to the request's own
+    length along a padded axis."""
+    lo = 0
+    for k, r in enumerate(reqs):
+        hi = lo + r.rows
+        mine: Feeds = {}
+        for t in spec.outputs:
+            arr = out[t.name][lo:hi]
+            for i, d in enumerate(t.shape):
+                if i > 0 and d in lengths:  # an output that follows a padded axis
+                    arr = arr[(slice(None),) * i + (slice(0, lengths[d][k]),)]
+            mine[t.name] = arr
+        answers.append((r, mine, None))
+        lo = hi

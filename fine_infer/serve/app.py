@@ -37,10 +37,13 @@ from fine_infer.runtime.batcher import DynamicBatcher, example_feeds
 from fine_infer.serve import schemas
 from fine_infer.serve.limits import LimitExceeded, Limits, ServeError
 from fine_infer.serve.metrics import CONTENT_TYPE, Metrics
+from fine_infer.serve.search import SearchBatcher
 
 log = logging.getLogger("fine_infer.serve")
 
-INDEX_THREAD_MIN = 10_000  # galleries this large take ~1 ms or more to scan: search them off the event loop
+# Galleries this large take a quarter of a millisecond or more to scan: search them off the event loop, batched
+# across concurrent requests (one scan serves the batch).
+INDEX_THREAD_MIN = 10_000
 PROTECTED_PREFIXES = ("/v1/", "/metrics")  # need the API key when one is set; health and the schema do not
 
 
@@ -63,6 +66,8 @@ class ServeState:
     ) -> None:
         self.session = session
         self.index = index
+        # Searches of a large gallery are batched across requests too, unless batching is off (max_batch_size 1).
+        self.searcher = None if index is None else SearchBatcher(index, 1 if max_batch_size == 1 else 64)
         self.limits = limits or Limits()
         self.api_key = api_key.encode() if api_key else None
         self.metrics = Metrics(self)
@@ -121,6 +126,8 @@ class ServeState:
         """Drain the batcher (in-flight requests are answered first)."""
         self.draining = True
         self.batcher.close(drain=True)
+        if self.searcher is not None:
+            self.searcher.close()
 
 
 # --- the ASGI guard: auth, body limit, metrics, last-resort errors ---------------------------------------------------
@@ -316,18 +323,38 @@ class _Handlers:
         # at once), so the event loop only routes.
         return await anyio.to_thread.run_sync(self._decode_and_preprocess, list(images), limiter=self.st.cpu_limiter)
 
-    def _tokens(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _texts(self, texts: list[str], truncate: bool) -> tuple[dict[str, np.ndarray], list[str] | None]:
+        """Check ``texts`` against the limits. Returns ``(feeds, texts)``: normally ``({}, texts)``, for the batcher
+        to tokenize in its worker with the batch's other texts (each tokenizer call on the event loop gives up the
+        GIL and must win it back, which under load costs more than the tokenizing); tokenized here
+        (``({"input_ids", "attention_mask"}, None)``) when the server's token limit is below the model's."""
         s = self.st.session
         m = s.manifest.text
         if m is None:
             raise ServeError(f"this bundle ({s.manifest.arch or s.manifest.source}) takes no text", type="unsupported")
-        if not truncate:
-            self.st.limits.check_texts(texts, s.tokenizer, m.max_length)
-        else:
+        lim = self.st.limits
+        if truncate:
             for i, t in enumerate(texts):
                 if not t.strip():
                     raise ServeError(f"text {i} is empty: give at least one word", field=f"texts[{i}]")
-        return s.tokenize(texts, truncate=truncate)
+            return {}, texts
+        lim.check_texts(texts, None, m.max_length)  # empty and over-long (characters) texts, without tokenizing
+        limit = lim.text_token_limit(m.max_length)
+        if limit is None or limit >= m.max_length:
+            return {}, texts  # the tokenizer itself refuses a text over the model's maximum (see _run)
+        lim.check_texts(texts, s.tokenizer, m.max_length)
+        ids, mask = s.tokenize(texts)
+        return {"input_ids": ids, "attention_mask": mask}, None
+
+    async def _run(self, spec: Any, feeds: dict[str, np.ndarray], texts: list[str] | None,
+                   truncate: bool) -> dict[str, np.ndarray]:
+        try:
+            return await self.st.batcher.run_async(spec.name, feeds, texts=texts, truncate=truncate)
+        except InputError:
+            if texts is not None and not truncate:  # a text over the model's token limit: name the limit
+                m = self.st.session.manifest.text
+                self.st.limits.check_texts(texts, self.st.session.tokenizer, m.max_length if m else None)
+            raise
 
     async def _embed(self, images: list[bytes | str] | None, texts: list[str] | None,
                      truncate: bool) -> tuple[np.ndarray, str]:
@@ -336,18 +363,17 @@ class _Handlers:
                 raise ServeError(f"a composed query needs one text per image; got {len(images)} images and "
                                  f"{len(texts)} texts")
             spec = self._graph("compose")
-            ids, mask = self._tokens(texts, truncate)
-            feeds = {"pixels": await self._pixels(images), "input_ids": ids, "attention_mask": mask}
+            feeds, to_tokenize = self._texts(texts, truncate)
+            feeds["pixels"] = await self._pixels(images)
         elif images:
             spec = self._graph("embed_image")
-            feeds = {"pixels": await self._pixels(images)}
+            feeds, to_tokenize = {"pixels": await self._pixels(images)}, None
         elif texts:
             spec = self._graph("embed_text")
-            ids, mask = self._tokens(texts, truncate)
-            feeds = {"input_ids": ids, "attention_mask": mask}
+            feeds, to_tokenize = self._texts(texts, truncate)
         else:
             raise ServeError("give texts, images or both", type="invalid_input")
-        out = await self.st.batcher.run_async(spec.name, feeds)
+        out = await self._run(spec, feeds, to_tokenize, truncate)
         return out[spec.outputs[0].name], spec.name
 
     async def embed(self, request: Request) -> Response:
@@ -380,8 +406,8 @@ class _Handlers:
         images = [body.image] if body.image is not None else None
         texts = [body.text] if body.text is not None else None
         vectors, graph = await self._embed(images, texts, body.truncate)
-        if len(index) >= INDEX_THREAD_MIN:  # a large gallery takes milliseconds: keep the event loop free
-            scores, ids = await anyio.to_thread.run_sync(index.search, vectors, body.k)
+        if len(index) >= INDEX_THREAD_MIN and self.st.searcher is not None:  # off the event loop, batched
+            scores, ids = await self.st.searcher.search(vectors, body.k)
         else:
             scores, ids = index.search(vectors, body.k)
         hits = [{"id": int(i), "score": float(s), "metadata": index.get_metadata(int(i))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 import threading
@@ -55,6 +56,10 @@ def run(
     import uvicorn
 
     check_bind(host, api_key)
+    # Everything loaded so far (model, tokenizer, the index and its metadata) lives as long as the server: keep it
+    # out of the garbage collector's scans, which otherwise walk it again in every full collection.
+    gc.collect()
+    gc.freeze()
     uvicorn.Server(_config(app, host, port, log_level, access_log, graceful_s)).run()
 
 

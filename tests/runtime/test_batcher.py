@@ -97,6 +97,73 @@ def test_32_threads_get_their_own_rows_equal_to_direct_calls(session):
     assert max(rows for rows, _ in seen) <= 16  # a batch stops before the request that would overflow it
 
 
+class _Spans(_Proxy):
+    """A proxy that records when each run starts and ends (and in which thread)."""
+
+    def __init__(self, inner, delay_s):
+        super().__init__(inner, delay_s=delay_s)
+        self.spans = []
+
+    def run(self, graph, feeds):
+        t0 = time.perf_counter()
+        out = super().run(graph, feeds)
+        with self.lock:
+            self.spans.append((t0, time.perf_counter(), threading.get_ident()))
+        return out
+
+
+def test_one_batch_in_the_model_at_a_time_from_one_worker(session):
+    reqs = _requests(session, 64, seed=5)
+    proxy = _Spans(session, delay_s=0.003)
+    with DynamicBatcher(proxy, max_batch_size=8, max_delay_ms=2) as b:
+        with ThreadPoolExecutor(32) as ex:
+            outs = list(ex.map(lambda r: b.run("compose", r, timeout=DEADLINE_S), reqs))
+    for o, r in zip(outs, reqs):
+        np.testing.assert_allclose(o["embedding"], session.run("compose", r)["embedding"], atol=1e-5)
+    spans = sorted(proxy.spans)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "two batches ran in the model at once"
+    assert len({t for _, _, t in spans}) == 1 and len(spans) < len(reqs)
+
+
+def test_outputs_are_each_callers_own_rows(session):
+    reqs = _requests(session, 24, seed=6)
+    with DynamicBatcher(session, max_batch_size=32, max_delay_ms=20, adaptive_delay=False) as b:
+        futs = [b.submit("compose", r) for r in reqs]
+        outs = [f.result(DEADLINE_S)["embedding"] for f in futs]
+    want = [o.copy() for o in outs]
+    for o in outs[::2]:
+        o[...] = 0.0  # a caller writing to its answer touches no one else's
+    for i, (o, w, r) in enumerate(zip(outs, want, reqs)):
+        assert o.shape == (len(r["pixels"]), 32)
+        if i % 2:
+            np.testing.assert_array_equal(o, w)
+
+
+def test_a_timed_out_caller_and_a_cancelled_async_request_are_skipped(session):
+    reqs = _requests(session, 4, seed=7)
+    proxy = _Proxy(session, delay_s=0.3)
+    with DynamicBatcher(proxy, max_batch_size=2, max_delay_ms=0) as b:
+        first = b.submit("compose", reqs[0])  # in the model for 0.3 s
+        time.sleep(0.05)
+        second = b.submit("compose", reqs[1])  # queued behind it
+        with pytest.raises(TimeoutError):
+            b.run("compose", reqs[2], timeout=0.05)  # given up while queued: never runs
+
+        async def cancelled():
+            t = asyncio.ensure_future(b.run_async("compose", reqs[3]))
+            await asyncio.sleep(0.01)
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+
+        asyncio.run(cancelled())
+        first.result(DEADLINE_S), second.result(DEADLINE_S)
+        time.sleep(0.7)
+    ran = [c[1]["pixels"] for c in proxy.calls]
+    for r in reqs[2:]:
+        assert not any(x.shape == r["pixels"].shape and np.array_equal(x, r["pixels"]) for x in ran)
+
+
 def test_sequences_are_padded_with_pad_id_and_mask_zero(session):
     proxy = _Proxy(session)
     ids_a, mask_a = session.tokenize(["red dress"])
@@ -188,6 +255,38 @@ def test_async_wrapper(session):
         np.testing.assert_allclose(o["embedding"], session.run("compose", r)["embedding"], atol=1e-5)
 
 
+def test_texts_are_tokenized_in_the_worker_and_a_bad_one_fails_alone(session):
+    rng = np.random.default_rng(8)
+    texts = [[" ".join(rng.choice(WORDS, int(rng.integers(1, 13)))) for _ in range(int(rng.integers(1, 4)))]
+             for _ in range(20)]
+    texts[7] = ["red dress", "   "]  # an empty text: its request fails, no other
+    long_text = " ".join(["stripes"] * 200)
+    pixels = [rng.standard_normal((len(t), 3, 64, 64)).astype(np.float32) for t in texts]
+
+    async def main(b):
+        calls = [b.run_async("compose", {"pixels": p}, texts=t) for p, t in zip(pixels, texts)]
+        calls.append(b.run_async("compose", {"pixels": pixels[0][:1]}, texts=[long_text], truncate=True))
+        calls.append(b.run_async("compose", {"pixels": pixels[0][:1]}, texts=[long_text]))
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), DEADLINE_S)
+
+    seen = []
+    with DynamicBatcher(session, max_batch_size=32, max_delay_ms=20,
+                        on_batch=lambda g, rows, n, s: seen.append(n)) as b:
+        outs = asyncio.run(main(b))
+    for i, (p, t, o) in enumerate(zip(pixels, texts, outs)):
+        if i == 7:
+            assert isinstance(o, InputError) and "empty" in str(o)
+            continue
+        ids, mask = session.tokenize(t)
+        want = session.run("compose", {"pixels": p, "input_ids": ids, "attention_mask": mask})["embedding"]
+        np.testing.assert_allclose(o["embedding"], want, atol=1e-5)
+    ids, mask = session.tokenize([long_text], truncate=True)
+    want = session.run("compose", {"pixels": pixels[0][:1], "input_ids": ids, "attention_mask": mask})["embedding"]
+    np.testing.assert_allclose(outs[-2]["embedding"], want, atol=1e-5)
+    assert isinstance(outs[-1], InputError) and "tokens" in str(outs[-1])  # too long without truncate
+    assert max(seen) > 1
+
+
 def test_close_drains_then_refuses(session):
     reqs = _requests(session, 6, seed=4)
     b = DynamicBatcher(session, max_batch_size=32, max_delay_ms=300, adaptive_delay=False)
@@ -231,6 +330,8 @@ def test_pick_batch_size_and_bench_results():
     assert pick_batch_size({1: 0.23, 2: 0.16, 8: 0.12, 16: 0.111, 32: 0.11}) == 16  # within 2% of the best
     assert pick_batch_size({1: 0.23, 2: 0.16, 8: 0.12, 16: 0.118, 32: 0.11}) == 32
     assert pick_batch_size({1: 30.0, 2: 33.0, 4: 36.0}) == 1
+    assert pick_batch_size({1: 17.0, 2: 15.7, 4: 15.6, 8: 15.7}) == 1  # saves < 15% over batch 1: not worth it
+    assert pick_batch_size({1: 0.134, 2: 0.148, 16: 0.111, 32: 0.106}) == 32
     assert pick_batch_size({}) == 1
     result = {"rows": [
         {"graph": "text", "backend": "onnxruntime", "batch": 1, "ms_per_item": 0.23},
