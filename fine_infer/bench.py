@@ -10,6 +10,12 @@ a maximum count and time); it reports p50/p90/p99 latency, ms per item and items
 (CPU/GPU model, cores, thread settings) and library versions, so two results can be compared fairly. Backends that
 cannot run here (no PyTorch, a user-module bundle, the Triton kernels without a CUDA GPU, TensorRT) are skipped
 with the reason recorded.
+
+On the CPU every deployable path gets a row (:data:`fine_infer.tune.CPU_PATHS`): ``onnxruntime`` (fp32),
+``onnxruntime/int8``, ``onnxruntime/cpu-opt``, ``openvino`` (f32) and ``openvino/bf16``, beside ``torch`` (eager);
+a path the bundle lacks (no ``--int8`` at export) or the machine cannot run (no OpenVINO, no bf16) is skipped with
+the reason. Each CPU path row carries its precision gate's status, and the result names the path
+``backend="auto"`` picks (``result["auto"]``), marked ``*`` in the table.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from fine_infer.errors import ConfigError, FineInferError
 
 RESULT_KIND = "fine-infer-bench"
 RESULT_VERSION = 1
-BACKENDS = ("onnxruntime", "torch", "torch+kernels", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime/int8", "onnxruntime/cpu-opt", "openvino", "openvino/bf16",
+            "torch+kernels", "tensorrt")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
 DEFAULT_CONCURRENCY = (1, 8, 32)
 QUERY_TEXT = "a red striped dress with long sleeves"
@@ -90,7 +97,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     versions = tool_versions()
-    for pkg in ("fastapi", "starlette", "uvicorn", "pydantic", "httptools", "uvloop"):  # the serving stack
+    for pkg in ("openvino", "fastapi", "starlette", "uvicorn", "pydantic", "httptools", "uvloop"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -155,14 +162,28 @@ class _Progress:
 
 
 # --- runtime benchmark ---------------------------------------------------------------------------------------------
-def open_backend(bundle: str | Path, backend: str, threads: int | None = None) -> tuple[Any | None, str | None]:
-    """A session for ``backend``, or ``(None, reason)`` when it cannot run here."""
+def open_backend(
+    bundle: str | Path, backend: str, threads: int | None = None, capabilities: Iterable[str] | None = None
+) -> tuple[Any | None, str | None]:
+    """A session for ``backend`` (a bench row name), or ``(None, reason)`` when it cannot run here.
+
+    ``capabilities`` stands in for the CPU's OpenVINO ``OPTIMIZATION_CAPABILITIES`` (whether bf16 is offered)."""
     import fine_infer
     from fine_infer.runtime import BACKENDS as RUNTIME_BACKENDS
+    from fine_infer.tune import CPU_PATHS, CpuPath, path_unavailable
 
     try:
         if backend == "onnxruntime":
             return fine_infer.load(bundle, backend="onnxruntime", threads=threads, verify=False), None
+        if backend in {p.label for p in CPU_PATHS}:
+            from fine_infer.bundle import read_manifest
+
+            path = CpuPath.parse(backend)
+            why = path_unavailable(read_manifest(bundle), path, capabilities)
+            if why:
+                return None, why
+            return fine_infer.load(bundle, backend=path.backend, variant=path.variant, threads=threads,
+                                   verify=False), None
         if backend == "torch":
             return fine_infer.load(bundle, backend="torch", verify=False), None
         if backend == "torch+kernels":
@@ -195,10 +216,14 @@ def bench_bundle(
     threads: int | None = None,
     seq_len: int | None = None,
     progress: bool = True,
+    capabilities: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    """Time every graph × backend × batch size of a bundle on synthetic inputs; the result as a JSON-able dict."""
+    """Time every graph × backend × batch size of a bundle on synthetic inputs; the result as a JSON-able dict.
+
+    ``capabilities`` stands in for the CPU's OpenVINO ``OPTIMIZATION_CAPABILITIES`` (see :func:`open_backend`)."""
     from fine_infer.bundle import read_bundle
     from fine_infer.runtime.batcher import example_feeds
+    from fine_infer.tune import CPU_PATHS, CpuPath, gate_status
 
     for b in batch_sizes:
         if not isinstance(b, int) or b < 1:
@@ -212,39 +237,63 @@ def bench_bundle(
                               "bundle": str(bundle), "arch": m.arch or m.source, "preset": m.preset,
                               "rows": [], "skipped": []}
     sessions: list[tuple[str, Any]] = []
-    for backend in backends:
-        session, reason = open_backend(bundle, backend, threads)
+    cpu_labels = {p.label for p in CPU_PATHS}
+    for backend in dict.fromkeys(backends):
+        session, reason = open_backend(bundle, backend, threads, capabilities)
         if session is None:
             result["skipped"].append({"backend": backend, "reason": reason})
         else:
             sessions.append((backend, session))
+    result["auto"] = _auto_pick(bundle, threads)
     bar = _Progress(len(sessions) * len(names) * len(batch_sizes), progress, "bench")
+    vocab = next((s.tokenizer.get_vocab_size(with_added_tokens=True) for _, s in sessions if s.tokenizer), None)
     try:
-        for backend, session in sessions:
-            vocab = session.tokenizer.get_vocab_size(with_added_tokens=True) if session.tokenizer else None
-            for g in names:
-                spec = m.graphs[g].spec
-                for b in batch_sizes:
+        # Backends innermost: the cells compared with each other are timed minutes apart at most, not a whole
+        # run apart, so a change in background load falls on them alike.
+        for g in names:
+            spec = m.graphs[g].spec
+            for b in batch_sizes:
+                feeds = example_feeds(spec, b, m.text, vocab, seq_len)
+                for backend, session in sessions:
                     bar.update(f"{g} {backend} batch {b}")
-                    feeds = example_feeds(spec, b, m.text, vocab, seq_len)
                     try:
                         times = _time_cell(lambda: session.run(g, feeds), budget)
                     except Exception as exc:  # noqa: BLE001 - e.g. the torch backend cannot run this graph
                         result["skipped"].append({"backend": backend, "graph": g, "batch": b,
                                                   "reason": f"{type(exc).__name__}: {exc}"})
                         continue
-                    result["rows"].append({"mode": "runtime", "graph": g, "task": spec.task, "backend": backend,
-                                           "provider": session.providers.get(g, ""), "batch": b,
-                                           **latency_stats(times, b)})
+                    row = {"mode": "runtime", "graph": g, "task": spec.task, "backend": backend,
+                           "provider": session.providers.get(g, ""), "batch": b, **latency_stats(times, b)}
+                    if backend in cpu_labels:
+                        row["gate"] = gate_status(m, CpuPath.parse(backend))[0]
+                    result["rows"].append(row)
     finally:
         bar.close()
+    order = {backend: i for i, (backend, _) in enumerate(sessions)}
+    result["rows"].sort(key=lambda r: (order[r["backend"]], names.index(r["graph"]), batch_sizes.index(r["batch"])))
     result["machine"] = machine_info()
     for backend, session in sessions:
         if backend == "onnxruntime" and session.providers:
             ort_session = session.runner(next(iter(session.providers))).session
             n = ort_session.get_session_options().intra_op_num_threads
             result["machine"]["threads"]["onnxruntime_intra_op"] = n or "default (one per physical core)"
+        if session.backend == "openvino" and session.providers:
+            info = session.runner(next(iter(session.providers))).info()
+            result["machine"]["threads"][f"{backend}"] = (f"{info['threads']} threads, {info['streams']} stream(s), "
+                                                          f"{info['hint']} hint")
     return result
+
+
+def _auto_pick(bundle: str | Path, threads: int | None) -> dict[str, Any]:
+    """What ``load(bundle, backend="auto")`` picks here and why (no graph is run)."""
+    import fine_infer
+
+    try:
+        session = fine_infer.load(bundle, backend="auto", threads=threads, verify=False)
+    except FineInferError as exc:
+        return {"label": None, "reason": str(exc)}
+    choice = session.choice
+    return {"label": session.label, "reason": choice.reason, "speedup": choice.speedup}
 
 
 def _time_cell(fn: Callable[[], object], budget: Budget) -> list[float]:
@@ -440,20 +489,27 @@ def format_table(result: dict[str, Any]) -> str:
     serve = result.get("mode") == "serve"
     col = "clients" if serve else "batch"
     unit = "req/s" if serve else "items/s"
-    head = f"{'graph':<14} {'backend':<14} {col:>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'ms/item':>9} {unit:>10}"
+    auto = (result.get("auto") or {}).get("label")
+    head = (f"{'graph':<14} {'backend':<21} {col:>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'ms/item':>9} "
+            f"{unit:>10}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['graph']:<14} {r['backend']:<14} {r['batch']:>7} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+        name = r["backend"] + ("*" if r["backend"] == auto else "")
+        lines.append(f"{r['graph']:<14} {name:<21} {r['batch']:>7} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
                      f"{r['p99_ms']:>9.3f} {r['ms_per_item']:>9.3f} {r['items_per_s']:>10.1f}"
-                     + (f"  ({r['errors']} errors)" if r.get("errors") else ""))
+                     + (f"  ({r['errors']} errors)" if r.get("errors") else "")
+                     + (f"  gate {r['gate']}" if r.get("gate") not in (None, "passed") else ""))
     for s in result.get("skipped", []):
         where = " ".join(str(s[k]) for k in ("graph", "batch") if k in s)
         lines.append(f"skipped {s['backend']}{' ' + where if where else ''}: {s['reason']}")
+    if auto:
+        lines.append(f"* auto picks {auto} on this machine: {result['auto'].get('reason', '')}")
     mach = result.get("machine") or {}
     if mach:
         v = mach.get("versions", {})
         lines.append(f"machine: {mach.get('cpu')} ({mach.get('cpu_affinity')} cores), GPU {mach.get('gpu') or 'none'}; "
-                     + ", ".join(f"{k} {v[k]}" for k in ("python", "onnxruntime", "torch", "numpy") if k in v))
+                     + ", ".join(f"{k} {v[k]}" for k in ("python", "onnxruntime", "openvino", "torch", "numpy")
+                                 if k in v))
         if mach.get("threads"):
             lines.append("threads: " + ", ".join(f"{k} {t}" for k, t in mach["threads"].items()))
     return "\n".join(lines)
@@ -485,7 +541,7 @@ def compare(new: dict[str, Any], old: dict[str, Any], max_regression: float = 0.
     if max_regression < 0:
         raise ConfigError(f"max_regression must be >= 0, got {max_regression}")
     old_rows = {_key(r): r for r in old["rows"]}
-    lines = [f"{'graph':<14} {'backend':<14} {'batch':>6} {'p50 old':>9} {'p50 new':>9} {'latency':>8} "
+    lines = [f"{'graph':<14} {'backend':<21} {'batch':>6} {'p50 old':>9} {'p50 new':>9} {'latency':>8} "
              f"{'throughput':>10}"]
     regressions: list[dict] = []
     seen = set()
@@ -493,7 +549,7 @@ def compare(new: dict[str, Any], old: dict[str, Any], max_regression: float = 0.
         k = _key(r)
         o = old_rows.get(k)
         if o is None:
-            lines.append(f"{r['graph']:<14} {r['backend']:<14} {r['batch']:>6}  (new row, not in the old result)")
+            lines.append(f"{r['graph']:<14} {r['backend']:<21} {r['batch']:>6}  (new row, not in the old result)")
             continue
         seen.add(k)
         lat = r["p50_ms"] / o["p50_ms"]
@@ -501,10 +557,10 @@ def compare(new: dict[str, Any], old: dict[str, Any], max_regression: float = 0.
         bad = lat > 1 + max_regression
         if bad:
             regressions.append({"key": list(k), "latency_ratio": lat, "throughput_ratio": tput})
-        lines.append(f"{r['graph']:<14} {r['backend']:<14} {r['batch']:>6} {o['p50_ms']:>9.3f} {r['p50_ms']:>9.3f} "
+        lines.append(f"{r['graph']:<14} {r['backend']:<21} {r['batch']:>6} {o['p50_ms']:>9.3f} {r['p50_ms']:>9.3f} "
                      f"{lat:>7.2f}× {tput:>9.2f}×" + ("  REGRESSION" if bad else ""))
     for k in old_rows.keys() - seen:
-        lines.append(f"{k[1]:<14} {k[2]:<14} {k[3]:>6}  (missing from the new result)")
+        lines.append(f"{k[1]:<14} {k[2]:<21} {k[3]:>6}  (missing from the new result)")
     a, b = (new.get("machine") or {}).get("cpu"), (old.get("machine") or {}).get("cpu")
     if a and b and a != b:
         lines.append(f"note: different machines ({b} → {a}); ratios compare hardware too")

@@ -13,7 +13,7 @@ from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt")
 MAX_BATCH = 1024  # bound one call's work; larger inputs should be chunked by the caller
 
 
@@ -33,29 +33,80 @@ class Session:
         kernels: bool = False,
         threads: int | None = None,
         variant: str | None = None,
+        hint: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.bundle = bundle
         self.manifest = bundle.manifest
-        self.backend = "onnxruntime" if backend == "auto" else backend
-        self.variant = variant or "fp32"
-        if self.backend == "torch" and self.variant != "fp32":
-            raise ConfigError(f"the torch backend runs the fp32 model; variant {self.variant!r} needs backend "
-                              "'onnxruntime' (or 'tensorrt' for fp16)")
-        if self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
-            from fine_infer.runtime.variants import variant_file
-
-            for entry in self.manifest.graphs.values():
-                variant_file(entry, variant, self.backend)
         self._providers = providers
         self._device = device
         self._kernels = kernels
         self._threads = threads
+        self._hint = hint
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
         self._tokenizer = None
         self._model = None
+        #: what ``backend="auto"`` picked and why (a :class:`fine_infer.tune.Choice`); None for an explicit backend
+        self.choice = None
+        if backend == "auto":
+            self.choice = self._auto(variant)
+            backend, variant = self.choice.backend, self.choice.variant
+        self.backend = backend
+        self.variant = variant or "fp32"
+        if hint is not None and self.backend != "openvino" and self.choice is None:  # auto: if OpenVINO is picked
+            raise ConfigError(f"hint={hint!r} is an OpenVINO performance hint; load with backend='openvino'")
+        if self.variant == "bf16" and self.backend != "openvino":
+            raise ConfigError("variant 'bf16' is OpenVINO's bf16 inference precision: load with backend='openvino'")
+        if self.backend == "torch" and self.variant != "fp32":
+            raise ConfigError(f"the torch backend runs the fp32 model; variant {self.variant!r} needs backend "
+                              "'onnxruntime' (or 'tensorrt' for fp16, 'openvino' for bf16)")
+        if self.backend == "openvino":  # fail at load: unknown precision or hint, no bf16 on this CPU
+            from fine_infer.runtime.openvino_runner import HINTS, precision_unsupported, variant_precision
+
+            if hint is not None and hint not in HINTS:
+                raise ConfigError(f"unknown OpenVINO performance hint {hint!r}; choose one of {', '.join(HINTS)}")
+            why = precision_unsupported(variant_precision(self.variant))
+            if why:
+                raise BackendUnavailableError(why)
+        elif self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
+            from fine_infer.runtime.variants import variant_file
+
+            for entry in self.manifest.graphs.values():
+                variant_file(entry, variant, self.backend)
+
+    def _auto(self, variant: str | None):
+        """``backend="auto"``: ONNX Runtime where CUDA really runs it (or a variant, providers or a CUDA device was
+        asked for, as before); on a CPU box the fastest gated CPU path of the bundle's tune result."""
+        from fine_infer.tune import Choice, auto_choice
+
+        if variant is not None:
+            backend = "openvino" if variant == "bf16" else "onnxruntime"
+            return Choice(backend, variant, f"variant {variant!r} was asked for")
+        if self._providers is not None or self._device.startswith("cuda"):
+            return Choice("onnxruntime", "fp32", "providers or a CUDA device were asked for: ONNX Runtime")
+        choice = auto_choice(self.bundle)
+        if choice.label != "onnxruntime" and self._cuda_runs():
+            return Choice("onnxruntime", "fp32", "ONNX Runtime runs on CUDA here (a GPU box): the tuned CPU path "
+                                                 f"({choice.label}) is for CPU boxes")
+        return choice
+
+    def _cuda_runs(self) -> bool:
+        """Whether ONNX Runtime's CUDA provider really runs this bundle (onnxruntime-gpu lists it on CPU-only
+        machines and falls back silently): probes with the first graph, whose runner is then kept."""
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return False
+        from fine_infer.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+        name, entry = next(iter(self.manifest.graphs.items()))
+        runner = OnnxRuntimeRunner(entry.spec, self.bundle.file(entry.file), None, self._threads)
+        if runner.provider != "CUDAExecutionProvider":
+            return False
+        self._runners[name] = runner
+        return True
 
     # --- runners ------------------------------------------------------------------------------------------------
     def runner(self, graph: str) -> Runner:
@@ -67,6 +118,11 @@ class Session:
 
     def _make_runner(self, graph: str) -> Runner:
         entry = self.bundle.graph(graph)
+        if self.backend == "openvino":
+            from fine_infer.runtime.openvino_runner import OpenVINORunner, variant_precision
+
+            return OpenVINORunner(entry.spec, self.bundle.file(entry.file), variant_precision(self.variant),
+                                  self._hint or "latency", self._threads)
         if self.backend in ("onnxruntime", "tensorrt"):
             from fine_infer.runtime.variants import ort_session_kwargs, resolve_variant
 
@@ -84,6 +140,11 @@ class Session:
         if self._model is None:
             self._model = model_from_bundle(self.bundle)
         return TorchRunner(entry.spec, self._model, self._device, self._kernels)
+
+    @property
+    def label(self) -> str:
+        """``backend`` or ``backend/variant`` (``onnxruntime``, ``openvino/bf16``): the CPU path names of tune/bench."""
+        return self.backend if self.variant == "fp32" else f"{self.backend}/{self.variant}"
 
     @property
     def providers(self) -> dict[str, str]:
@@ -206,13 +267,21 @@ def load(
     threads: int | None = None,
     verify: bool = True,
     variant: str | None = None,
+    hint: str | None = None,
 ) -> Session:
     """Open a bundle for inference, verifying every file's sha256 first.
 
-    ``backend``: ``"auto"`` (ONNX Runtime, on CUDA where its provider really runs), ``"onnxruntime"``,
+    ``backend``: ``"auto"``, ``"onnxruntime"``, ``"openvino"`` (the fp32 graph on OpenVINO's CPU plugin),
     ``"torch"`` (the zoo model in eager PyTorch, with the fused Triton kernels when ``kernels=True``) or
-    ``"tensorrt"`` (engines built on this device with ``fine-infer build-engine``). ``variant`` picks a graph
-    variant written at export (``fp16``, ``int8``, ``cpu-opt``; default the portable fp32 graph).
+    ``"tensorrt"`` (engines built on this device with ``fine-infer build-engine``). ``"auto"`` is ONNX Runtime
+    on CUDA where its provider really runs; on a CPU box it is the fastest CPU path that passed its precision gate
+    according to the bundle's tune result (``fine-infer tune``), else ONNX Runtime fp32; ``session.choice`` says
+    what and why.
+
+    ``variant`` picks a graph variant written at export (``fp16``, ``int8``, ``cpu-opt``; default the portable fp32
+    graph); on ``openvino`` it is the inference precision: ``fp32`` or ``bf16`` (CPUs with AVX-512 BF16 or AMX).
+    ``hint`` is OpenVINO's performance hint: ``"latency"`` (default) or ``"throughput"`` (several streams, for many
+    concurrent callers). ``threads`` caps the intra-op threads of ONNX Runtime or OpenVINO.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -221,4 +290,9 @@ def load(
             import torch  # noqa: F401
         except ImportError:
             raise BackendUnavailableError("backend 'torch' needs PyTorch: pip install 'fine-infer[export]'") from None
-    return Session(read_bundle(bundle, verify=verify), backend, providers, device, kernels, threads, variant)
+    if backend == "openvino":
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise BackendUnavailableError("backend 'openvino' needs OpenVINO: pip install 'fine-infer[openvino]'")
+    return Session(read_bundle(bundle, verify=verify), backend, providers, device, kernels, threads, variant, hint)
