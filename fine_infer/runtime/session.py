@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fine_infer.bundle import Bundle, read_bundle
-from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
+from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError, InputError
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
 
@@ -57,8 +57,6 @@ class Session:
         self.variant = variant or "fp32"
         if hint is not None and self.backend != "openvino" and self.choice is None:  # auto: if OpenVINO is picked
             raise ConfigError(f"hint={hint!r} is an OpenVINO performance hint; load with backend='openvino'")
-        if self.variant == "bf16" and self.backend != "openvino":
-            raise ConfigError("variant 'bf16' is OpenVINO's bf16 inference precision: load with backend='openvino'")
         if self.backend == "torch" and self.variant != "fp32":
             raise ConfigError(f"the torch backend runs the fp32 model; variant {self.variant!r} needs backend "
                               "'onnxruntime' (or 'tensorrt' for fp16, 'openvino' for bf16)")
@@ -73,17 +71,22 @@ class Session:
         elif self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
             from fine_infer.runtime.variants import variant_file
 
-            for entry in self.manifest.graphs.values():
-                variant_file(entry, variant, self.backend)
+            try:
+                for entry in self.manifest.graphs.values():
+                    variant_file(entry, variant, self.backend)
+            except BundleError as exc:
+                if variant == "bf16":
+                    raise BundleError(f"{exc}; bf16 is OpenVINO's inference precision: load with "
+                                      "backend='openvino'") from None
+                raise
 
     def _auto(self, variant: str | None):
         """``backend="auto"``: ONNX Runtime where CUDA really runs it (or a variant, providers or a CUDA device was
         asked for, as before); on a CPU box the fastest gated CPU path of the bundle's tune result."""
         from fine_infer.tune import Choice, auto_choice
 
-        if variant is not None:
-            backend = "openvino" if variant == "bf16" else "onnxruntime"
-            return Choice(backend, variant, f"variant {variant!r} was asked for")
+        if variant is not None:  # as before: a variant written at export, on ONNX Runtime
+            return Choice("onnxruntime", variant, f"variant {variant!r} was asked for: ONNX Runtime")
         if self._providers is not None or self._device.startswith("cuda"):
             return Choice("onnxruntime", "fp32", "providers or a CUDA device were asked for: ONNX Runtime")
         choice = auto_choice(self.bundle)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fine_infer
-from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
+from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError, InputError
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'fine-infer[openvino]'")
 
@@ -147,8 +147,9 @@ def test_bad_options_and_feeds_are_clear_errors(tiny):
     out, model = tiny["fashion-fine"]
     with pytest.raises(ConfigError, match="int8 and cpu-opt are ONNX Runtime graphs"):
         fine_infer.load(out, backend="openvino", variant="int8")
-    with pytest.raises(ConfigError, match="backend='openvino'"):
-        fine_infer.load(out, backend="onnxruntime", variant="bf16")
+    for backend in ("onnxruntime", "auto"):  # auto with a variant is ONNX Runtime, as before
+        with pytest.raises(BundleError, match="no variant 'bf16'.*load with backend='openvino'"):
+            fine_infer.load(out, backend=backend, variant="bf16")
     with pytest.raises(ConfigError, match="OpenVINO performance hint"):
         fine_infer.load(out, backend="onnxruntime", hint="throughput")
     with pytest.raises(ConfigError, match="unknown OpenVINO performance hint"):
