@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from fine_infer.bench import BACKENDS as BENCH_BACKENDS
 from fine_infer.cli import add_backend_args
 from fine_infer.errors import ConfigError, FineInferError
 
@@ -150,7 +151,7 @@ def add_commands(sub: argparse._SubParsersAction, add: AddFn) -> None:
 
     b = add("bench", cmd_bench, "latency and throughput per backend and batch size (or of a running server)")
     b.add_argument("bundle", nargs="?")
-    b.add_argument("--backend", nargs="+", choices=["onnxruntime", "torch", "torch+kernels", "tensorrt"],
+    b.add_argument("--backend", nargs="+", choices=list(BENCH_BACKENDS),
                    help="backends to time (default: all; those that cannot run here are skipped with a reason)")
     b.add_argument("--batch-sizes", nargs="+", type=_positive("--batch-sizes"), help="default: 1 2 4 8 16 32")
     b.add_argument("--graphs", nargs="+", help="graphs (or with --serve, workloads) to time (default: all)")
