@@ -87,15 +87,9 @@ def machine_info() -> dict[str, Any]:
     from importlib import metadata
 
     from fine_infer.bundle import tool_versions
+    from fine_infer.tune import cpu_signature
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    signature = cpu_signature()
     versions = tool_versions()
     for pkg in ("openvino", "fastapi", "starlette", "uvicorn", "pydantic", "httptools", "uvloop"):
         try:
@@ -103,9 +97,9 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": signature["cpu"],
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_affinity": signature["cores"],
         "gpu": None,
         "platform": platform.platform(),
         "threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
