@@ -14,9 +14,7 @@ DEADLINE_S = 60.0  # every client call and every concurrent section is bounded b
 
 def export_zoo(arch, out):
     """The arch's tiny bundle; skips the test when the arch is not in the zoo (yet)."""
-    import importlib
 
-    import pytest
 
     try:
         from fine_infer.export import export_arch
@@ -28,11 +26,7 @@ def export_zoo(arch, out):
         from fine_infer.export import export_model
         from fine_infer.models import _registry
 
-        try:
-            importlib.import_module("fine_infer.models." + arch.replace("-", "_"))
-        except ImportError:
-            pytest.skip(f"arch {arch} is not in the zoo yet")
-        entry = _registry._REGISTRY[arch]
+        entry = _registry.get_arch(arch)
         torch.manual_seed(0)
         export_model(entry.model_cls(entry.presets["tiny"]()).eval(), out, preset="tiny", force=True)
     return out

@@ -7,10 +7,7 @@ import pytest
 import fine_infer
 from serve_helpers import DEADLINE_S, b64, png, run_concurrently
 
-try:
-    from fine_infer.index import Index
-except ImportError:
-    pytest.skip("fine_infer.index is not built yet", allow_module_level=True)
+from fine_infer.index import Index
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,11 @@ def ff(tmp_path_factory):
     from fine_infer.serve import ServerThread
 
     session = fine_infer.load(bundle)
-    index = None
-    try:
-        from fine_infer.index import Index
+    from fine_infer.index import Index
 
-        index = Index(session.manifest.embed_dim)
-        texts = [f"{c} {g}" for c in ("red", "blue", "black") for g in ("dress", "shirt", "bag")]
-        index.add(session.embed_texts(texts), list(range(len(texts))), metadata=[{"caption": t} for t in texts])
-    except ImportError:
-        pass
+    index = Index(session.manifest.embed_dim)
+    texts = [f"{c} {g}" for c in ("red", "blue", "black") for g in ("dress", "shirt", "bag")]
+    index.add(session.embed_texts(texts), list(range(len(texts))), metadata=[{"caption": t} for t in texts])
     app = create_app(fine_infer.load(bundle), index, max_delay_ms=5, calibration_budget_s=2.0)
     with ServerThread(app) as srv:
         srv.wait_ready(timeout=60)
@@ -74,8 +70,6 @@ def test_token_limits_and_truncation(ff):
 
 def test_text_search(ff):
     srv, session, index = ff
-    if index is None:
-        pytest.skip("fine_infer.index is not built yet")
     with httpx.Client(base_url=srv.url, timeout=DEADLINE_S) as c:
         r = c.post("/v1/search", json={"text": "blue shirt", "k": 3})
     assert r.status_code == 200, r.text
