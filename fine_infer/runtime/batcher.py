@@ -150,10 +150,16 @@ def _answer(answers: list[Answer]) -> None:
                 r.future.set_exception(err)
         else:
             loops.setdefault(r.loop, []).append(a)  # type: ignore[arg-type]
-    for loop, items in loops.items():
+    call_in_each_loop(loops, _resolve_async)
+
+
+def call_in_each_loop(groups: dict[Any, list], fn: Callable[[list], None]) -> None:
+    """Call ``fn(items)`` once inside each event loop of ``groups`` (thread-safe): one wake-up of a loop per batch,
+    not one per request. A closed loop is skipped: nobody is waiting on it any more."""
+    for loop, items in groups.items():
         try:
-            loop.call_soon_threadsafe(_resolve_async, items)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(fn, items)
+        except RuntimeError:
             pass
 
 

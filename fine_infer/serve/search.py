@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from fine_infer.runtime.batcher import call_in_each_loop
+
 DEFAULT_MAX_QUERIES = 64
 
 
@@ -99,11 +101,7 @@ def _answer(results: list) -> None:
     loops: dict[Any, list] = {}
     for r in results:
         loops.setdefault(r[0], []).append(r)
-    for loop, items in loops.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, items)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+    call_in_each_loop(loops, _resolve)
 
 
 def _resolve(items: list) -> None:
