@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(session, index, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                      bench_result=args.bench_json, limits=limits, api_key=api_key,
-                     adaptive_delay=not args.fixed_delay)
+                     adaptive_delay=not args.fixed_delay, lanes=args.lanes)
     print(f"fine-infer serve: {args.bundle} ({session.manifest.arch or session.manifest.source}, {session.backend})"
           + (f", index {args.index} ({len(index)} items)" if index is not None else "")
           + f" on http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), file=sys.stderr)
@@ -133,6 +133,9 @@ def add_commands(sub: argparse._SubParsersAction, add: AddFn) -> None:
     s.add_argument("--threads", type=_positive("--threads"), help="intra-op threads of ONNX Runtime")
     s.add_argument("--max-batch-size", type=_positive("--max-batch-size"),
                    help="rows per model run for every graph (default: measured per graph at start-up)")
+    s.add_argument("--lanes", type=_positive("--lanes"),
+                   help="batches of a graph in the model at once, each on cores/lanes threads (ONNX Runtime; "
+                        "default: measured with the batch size, else 1)")
     s.add_argument("--max-delay-ms", type=float, default=2.0, help="how long a request may wait for batch-mates")
     s.add_argument("--fixed-delay", action="store_true",
                    help="always wait --max-delay-ms for batch-mates (default: only when several requests are queued)")

@@ -1,8 +1,9 @@
 """Dynamic batching across concurrent callers of one :class:`~fine_infer.runtime.session.Session`.
 
-Callers hand in feeds that are already preprocessed (one or more rows each). Per graph, one worker thread takes
+Callers hand in feeds that are already preprocessed (one or more rows each). Per graph, a worker thread takes
 the queued requests up to ``max_batch_size`` rows, or whatever has arrived ``max_delay_ms`` after the oldest one,
-runs them as one batch on the session's runner and answers every caller with its own rows. The delay is adaptive:
+runs them as one batch on the session's runner and answers every caller with its own rows. With several *lanes*
+(one worker each) several batches of a graph are in the model at once, each on its share of the cores. The delay is adaptive:
 the worker waits for company only when some is to be expected (several requests queued, or the previous batch
 merged several), so a lone caller runs at once::
 
@@ -26,7 +27,10 @@ Batching pays only where a graph is not compute-bound on this machine (a tiny te
 item at batch 8-32 on a 2-core CPU; a ViT-S/16 runs *dearer* per item). So ``max_batch_size`` is measured per graph
 (:meth:`DynamicBatcher.calibrate`: per-item cost at batch 1, 2, 4, ... 32) or read from a ``fine-infer bench``
 JSON result (:meth:`DynamicBatcher.use_bench_result`), never guessed. With ``max_batch_size`` 1, :meth:`submit`
-runs the graph in the caller's thread: it costs what a direct ``session.run`` costs.
+runs the graph in the caller's thread: it costs what a direct ``session.run`` costs. Calibration also times one
+single-threaded lane per core (ONNX Runtime on a CPU): a tiny text encoder's batch of 16 on one thread does ~1.5x the
+work per core of a batch of 32 on two, and two such lanes keep both cores busy while each lane's callers resubmit
+(benchmarks/RESULTS.md, Serving).
 """
 
 from __future__ import annotations
@@ -77,11 +81,17 @@ class Calibration:
     max_batch_size: int
     seconds: float
     source: str = "measured"  # or "bench:<file>" / "fixed"
+    # Batches of this graph in the model at once, each in a worker of its own on a runner with cores/lanes intra-op
+    # threads; and the per-item ms measured for that many single-threaded lanes, by batch size.
+    lanes: int = 1
+    lane_per_item_ms: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (keys as strings)."""
         return {"graph": self.graph, "per_item_ms": {str(k): v for k, v in self.per_item_ms.items()},
-                "max_batch_size": self.max_batch_size, "seconds": self.seconds, "source": self.source}
+                "max_batch_size": self.max_batch_size, "seconds": self.seconds, "source": self.source,
+                "lanes": self.lanes,
+                "lane_per_item_ms": {str(k): v for k, v in self.lane_per_item_ms.items()}}
 
 
 class _Request:
@@ -180,7 +190,7 @@ class _GraphQueue:
     queue: collections.deque = field(default_factory=collections.deque)
     rows: int = 0  # rows waiting in the queue
     last_requests: int = 0  # requests merged into the previous batch
-    thread: threading.Thread | None = None
+    threads: list[threading.Thread] = field(default_factory=list)  # one worker per lane
 
 
 def pick_batch_size(per_item_ms: Mapping[int, float]) -> int:
@@ -192,6 +202,32 @@ def pick_batch_size(per_item_ms: Mapping[int, float]) -> int:
     if 1 in per_item_ms and per_item_ms[1] <= best * MIN_BATCH_GAIN:
         return 1
     return min(b for b, ms in per_item_ms.items() if ms <= best * NEAR_BEST)
+
+
+def pick_plan(per_item_ms: Mapping[int, float], lane_per_item_ms: Mapping[int, float],
+              lanes: int) -> tuple[int, int]:
+    """``(lanes, max_batch_size)``: one lane (batches on the session's own runner, ``per_item_ms``) or ``lanes``
+    single-threaded lanes (``lane_per_item_ms``, each at that batch size), whichever is cheapest per item; the
+    smallest batch within 2% of the best, one lane on a tie. ``(1, 1)`` (no batching) when nothing saves at least
+    ``MIN_BATCH_GAIN`` over batch 1."""
+    if not lane_per_item_ms or lanes < 2:
+        return 1, pick_batch_size(per_item_ms)
+    candidates = {(1, b): v for b, v in per_item_ms.items() if b > 1}
+    candidates.update({(lanes, b): v for b, v in lane_per_item_ms.items() if b > 1})
+    if not candidates:
+        return 1, pick_batch_size(per_item_ms)
+    best = min(candidates.values())
+    if 1 in per_item_ms and per_item_ms[1] <= best * MIN_BATCH_GAIN:
+        return 1, 1
+    return min(k for k, v in candidates.items() if v <= best * NEAR_BEST)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def example_feeds(
@@ -263,6 +299,12 @@ class DynamicBatcher:
     may wait for company; with ``adaptive_delay`` (default) only when company is to be expected (several requests
     queued, or the previous batch merged several). ``on_batch(graph, rows, requests, seconds)`` is called after every
     batch run (metrics).
+
+    ``lanes``: batches of a graph in the model at once, each from a worker thread of its own on a runner with
+    ``cores // lanes`` intra-op threads (ONNX Runtime). On a CPU, two single-threaded batches side by side do more
+    work per core than one batch on two threads, and one lane's callers resubmit while the other lane runs. None:
+    measured with the batch size (:meth:`calibrate` tries one lane and one lane per core), else 1. A fixed
+    ``max_batch_size`` is per lane.
     """
 
     def __init__(
@@ -273,9 +315,18 @@ class DynamicBatcher:
         on_batch: BatchCallback | None = None,
         calibration_budget_s: float = 5.0,
         adaptive_delay: bool = True,
+        lanes: int | None = None,
     ) -> None:
         if max_delay_ms < 0:
             raise ConfigError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if lanes is not None:
+            if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
+                raise ConfigError(f"lanes must be a positive integer, got {lanes!r}")
+            if lanes > 1 and getattr(session, "backend", None) != "onnxruntime":
+                raise ConfigError(f"lanes > 1 need the onnxruntime backend (a runner per lane with its own threads); "
+                                  f"this session runs on {getattr(session, 'backend', None)!r}: use lanes=1")
+        self._fixed_lanes = lanes
+        self._lanes: dict[str, int] = {}
         self.session = session
         self.max_delay_s = max_delay_ms / 1e3
         self.adaptive_delay = adaptive_delay
@@ -311,6 +362,22 @@ class DynamicBatcher:
         self.session.bundle.graph(graph)  # unknown graphs are a BundleError naming the bundle's graphs
         self._sizes[graph] = int(n)
         self.calibrations.setdefault(graph, Calibration(graph, {}, int(n), 0.0, source))
+
+    def lanes(self, graph: str) -> int:
+        """Batches of ``graph`` run at once (see the class docstring)."""
+        return self._lanes.get(graph, self._fixed_lanes or 1)
+
+    def _lane_threads(self, graph: str) -> int | None:
+        """Intra-op threads of a lane's runner; None: the session's own runner (one lane)."""
+        n = self.lanes(graph)
+        return None if n < 2 else max(1, cpu_cores() // n)
+
+    def _can_use_lanes(self, graph: str) -> bool:
+        """Lanes are measured only where they can pay: ONNX Runtime on a CPU with two or more cores."""
+        runner = getattr(self.session, "runner", None)  # (a stand-in session may have none)
+        if getattr(self.session, "backend", None) != "onnxruntime" or runner is None:
+            return False
+        return cpu_cores() >= 2 and runner(graph).provider == "CPUExecutionProvider"
 
     def max_batch_size(self, graph: str) -> int | None:
         """The batch size in force for ``graph`` (None: not calibrated yet)."""
@@ -351,30 +418,52 @@ class DynamicBatcher:
             cal = Calibration(graph, {}, 1, 0.0, "unbatchable")
         else:
             if sample is None:
-                vocab = None
-                if self._text is not None and getattr(self.session, "tokenizer", None) is not None:
-                    vocab = self.session.tokenizer.get_vocab_size(with_added_tokens=True)
-                sample = example_feeds(spec, 1, self._text, vocab)
-            per_item: dict[int, float] = {}
+                sample = self._sample(spec)
+            sizes = sorted(set(int(x) for x in batch_sizes))
+            # Lanes: as fixed, else one per core where they can pay. Fixed lanes > 1 time the one lane at batch 1
+            # only (the unbatched reference); lane batch sizes keep lanes * batch within the largest batch size.
+            lanes = self._fixed_lanes or (cpu_cores() if self._can_use_lanes(graph) else 1)
+            lane_threads = max(1, cpu_cores() // lanes)
+            lane_sizes = [b for b in sizes if b > 1 and lanes * b <= sizes[-1]] if lanes > 1 else []
+            if self._fixed_lanes and self._fixed_lanes > 1:
+                sizes = [1]
+
+            def single(b: int) -> float:  # batch 1 as concurrent callers: what unbatched requests get
+                return self._time_per_item(graph, repeat_rows(sample, b), b == 1)
+
+            def laned(b: int) -> float:
+                return self._time_concurrent(graph, repeat_rows(sample, b), lanes, lane_threads)
+
             with self._calib_lock:  # two graphs measured at once would disturb each other's timings
-                sizes = sorted(set(int(x) for x in batch_sizes))
                 # Two passes, ascending then descending, keeping each size's fastest run: a noisy neighbour on a
                 # shared CPU only ever adds time, and a drift during the first pass is not mistaken for a trend.
-                for b in sizes:
-                    per_item[b] = self._time_per_item(graph, repeat_rows(sample, b), b == 1)
-                    batched = [v for k, v in per_item.items() if k > 1]  # (batch 1 is timed differently)
-                    if len(batched) > 1 and per_item[b] > 1.25 * min(batched):
-                        break  # compute-bound: bigger batches only cost more per item
-                    if time.perf_counter() - t_start > budget / 2:
-                        break
-                for b in sorted(per_item, reverse=True):
-                    if time.perf_counter() - t_start > budget:
-                        break
-                    per_item[b] = min(per_item[b], self._time_per_item(graph, repeat_rows(sample, b), b == 1))
-            cal = Calibration(graph, per_item, pick_batch_size(per_item), time.perf_counter() - t_start)
+                share = budget / (3 if lane_sizes else 2)
+                per_item = _first_pass(sizes, single, t_start + share)
+                lane_per_item = _first_pass(lane_sizes, laned, t_start + 2 * share) if lane_sizes else {}
+                _second_pass(per_item, single, t_start + (budget + 2 * share) / 2 if lane_sizes else t_start + budget)
+                _second_pass(lane_per_item, laned, t_start + budget)
+                n_lanes, picked = pick_plan(per_item, lane_per_item, lanes)
+            if lane_sizes and n_lanes == 1 and hasattr(self.session, "release_runner"):
+                self.session.release_runner(graph, lane_threads)  # tried, not kept
+            cal = Calibration(graph, per_item, picked, time.perf_counter() - t_start, lanes=n_lanes,
+                              lane_per_item_ms=lane_per_item)
+        self._lanes[graph] = cal.lanes
         self._sizes[graph] = cal.max_batch_size
         self.calibrations[graph] = cal
         return cal
+
+    def _run(self, graph: str, feeds: Feeds, threads: int | None = None) -> Feeds:
+        """One model run, on a lane's runner when ``threads`` is given."""
+        if threads is None:
+            return self.session.run(graph, feeds)
+        return self.session.run(graph, feeds, threads=threads)
+
+    def _sample(self, spec: GraphSpec) -> Feeds:
+        """One row of synthetic feeds for timing ``spec`` (valid token ids for the bundle's tokenizer)."""
+        vocab = None
+        if self._text is not None and getattr(self.session, "tokenizer", None) is not None:
+            vocab = self.session.tokenizer.get_vocab_size(with_added_tokens=True)
+        return example_feeds(spec, 1, self._text, vocab)
 
     def _time_per_item(self, graph: str, feeds: Feeds, concurrent: bool = False) -> float:
         """Fastest of >= 3 runs (and >= 0.05 s, at most 50 runs) after a warm-up run, in ms per item; with
@@ -393,10 +482,12 @@ class DynamicBatcher:
             runs += 1
         return best * 1e3 / b
 
-    def _time_concurrent(self, graph: str, feeds: Feeds, callers: int) -> float:
-        """ms per item of ``callers`` threads each making ``m`` runs at once: the fastest of >= 3 rounds."""
+    def _time_concurrent(self, graph: str, feeds: Feeds, callers: int, threads: int | None = None) -> float:
+        """ms per item of ``callers`` threads each making ``m`` runs at once: the fastest of >= 3 rounds.
+        ``threads``: on the session's runner with that many intra-op threads (a lane's)."""
+        self._run(graph, feeds, threads)  # warm-up (first runs at a new shape allocate)
         t0 = time.perf_counter()
-        self.session.run(graph, feeds)
+        self._run(graph, feeds, threads)
         m = max(2, min(100, int(0.004 / max(time.perf_counter() - t0, 1e-6))))  # rounds of ~4 ms or more
         best = math.inf
         rounds = 0
@@ -404,7 +495,7 @@ class DynamicBatcher:
             t_b = time.perf_counter()
             while rounds < 3 or (time.perf_counter() - t_b < 0.1 and rounds < 20):
                 t0 = time.perf_counter()
-                for f in [ex.submit(lambda: [self.session.run(graph, feeds) for _ in range(m)])
+                for f in [ex.submit(lambda: [self._run(graph, feeds, threads) for _ in range(m)])
                           for _ in range(callers)]:
                     f.result()
                 best = min(best, time.perf_counter() - t0)
@@ -500,10 +591,22 @@ class DynamicBatcher:
             if graph not in self._queues:
                 spec = self.session.bundle.graph(graph).spec
                 q = _GraphQueue(spec, threading.Condition())
-                q.thread = threading.Thread(target=self._worker, args=(graph, q), name=f"batcher-{graph}", daemon=True)
                 self._queues[graph] = q
-                q.thread.start()
+                self._add_worker(graph, q)
             return self._queues[graph]
+
+    def _add_worker(self, graph: str, q: _GraphQueue) -> None:
+        t = threading.Thread(target=self._worker, args=(graph, q), name=f"batcher-{graph}-{len(q.threads)}",
+                             daemon=True)
+        q.threads.append(t)
+        t.start()
+
+    def _start_lanes(self, graph: str, q: _GraphQueue) -> None:
+        """One worker per lane (the first is started with the queue; the others once the lanes are known)."""
+        if len(q.threads) < self.lanes(graph):
+            with self._lock:
+                while len(q.threads) < self.lanes(graph) and not self._closed:
+                    self._add_worker(graph, q)
 
     # --- the worker ---------------------------------------------------------------------------------------------
     def _worker(self, graph: str, q: _GraphQueue) -> None:
@@ -511,15 +614,18 @@ class DynamicBatcher:
             taken = self._take(graph, q)
             if taken is None:
                 return  # closed and drained
-            failed: list[Answer] = []
             if any(r.texts is not None for r in taken):
+                failed: list[Answer] = []
                 taken = self._tokenize(q.spec, taken, failed)
-            answers, stats = self._run_batch(graph, q.spec, taken) if taken else ([], [])
-            _answer(answers + failed)
-            if self.on_batch is not None:
-                for rows, n, seconds in stats:
+                _answer(failed)
+            for group in _groups(q.spec, taken) if taken else []:
+                # Each run's callers are answered as soon as it is done: they resubmit while the next run is in
+                # the model (which releases the GIL), instead of all waking at once after the last run.
+                t0 = time.perf_counter()
+                _answer(self._run_group(graph, q.spec, group))
+                if self.on_batch is not None:
                     try:
-                        self.on_batch(graph, rows, n, seconds)
+                        self.on_batch(graph, sum(r.rows for r in group), len(group), time.perf_counter() - t0)
                     except Exception:  # noqa: BLE001 - metrics must never break serving
                         pass
 
@@ -537,6 +643,7 @@ class DynamicBatcher:
             except Exception:  # noqa: BLE001 - never let calibration kill the worker; run unbatched
                 limit = 1
                 self._sizes[graph] = 1
+        self._start_lanes(graph, q)
         taken: list[_Request] = []
         with q.cond:
             if q.queue:
@@ -595,29 +702,22 @@ class DynamicBatcher:
                     ready.append(r)
         return ready
 
-    def _run_batch(self, graph: str, spec: GraphSpec,
-                   reqs: list[_Request]) -> tuple[list[Answer], list[tuple[int, int, float]]]:
-        """Run ``reqs`` (merged where their shapes allow); every request's answer, and per run (rows, requests, s)."""
+    def _run_group(self, graph: str, spec: GraphSpec, group: list[_Request]) -> list[Answer]:
+        """Run ``group`` as one batch (one by one if that fails, so only a bad request gets an exception)."""
+        if len(group) == 1:
+            return [self._run_one(graph, group[0])]
+        try:
+            merged, lengths = self._merge(spec, group)
+            out = self._run(graph, merged, self._lane_threads(graph))
+        except Exception:  # noqa: BLE001 - find the culprit: re-run one by one, each gets its own answer
+            return [self._run_one(graph, r) for r in group]
         answers: list[Answer] = []
-        stats = []
-        for group in _groups(spec, reqs):
-            t0 = time.perf_counter()
-            if len(group) == 1:
-                answers.append(self._run_one(graph, group[0]))
-            else:
-                try:
-                    merged, lengths = self._merge(spec, group)
-                    out = self.session.run(graph, merged)
-                except Exception:  # noqa: BLE001 - find the culprit: re-run one by one, each gets its own answer
-                    answers.extend(self._run_one(graph, r) for r in group)
-                else:
-                    _split(spec, out, group, lengths, answers)
-            stats.append((sum(r.rows for r in group), len(group), time.perf_counter() - t0))
-        return answers, stats
+        _split(spec, out, group, lengths, answers)
+        return answers
 
     def _run_one(self, graph: str, r: _Request) -> Answer:
         try:
-            return r, self.session.run(graph, r.feeds), None
+            return r, self._run(graph, r.feeds, self._lane_threads(graph)), None
         except Exception as exc:  # noqa: BLE001
             return r, None, exc
 
@@ -665,8 +765,8 @@ class DynamicBatcher:
                 q.cond.notify_all()
             _answer(failed)
         for q in list(self._queues.values()):
-            if q.thread is not None:
-                q.thread.join(timeout)
+            for t in list(q.threads):
+                t.join(timeout)
 
     def __enter__(self) -> "DynamicBatcher":
         return self
@@ -684,6 +784,26 @@ def _rows(feeds: Feeds) -> int:
 def _batchable(spec: GraphSpec) -> bool:
     """A graph can be batched when every input and output has the dynamic ``batch`` axis first."""
     return all(t.shape and isinstance(t.shape[0], str) for t in (*spec.inputs, *spec.outputs))
+
+
+def _first_pass(sizes: Sequence[int], per_item_at: Callable[[int], float], until: float) -> dict[int, float]:
+    """Per-item ms at each batch size, ascending; stops once a size costs 25% more per item than the best batch so far
+    (compute-bound: bigger only gets worse) or at ``until`` (perf_counter)."""
+    per_item: dict[int, float] = {}
+    for b in sizes:
+        per_item[b] = per_item_at(b)
+        batched = [v for k, v in per_item.items() if k > 1]  # (batch 1 is timed differently)
+        if (len(batched) > 1 and per_item[b] > 1.25 * min(batched)) or time.perf_counter() > until:
+            break
+    return per_item
+
+
+def _second_pass(per_item: dict[int, float], per_item_at: Callable[[int], float], until: float) -> None:
+    """Time each size again, descending, keeping its fastest, until ``until``."""
+    for b in sorted(per_item, reverse=True):
+        if time.perf_counter() > until:
+            break
+        per_item[b] = min(per_item[b], per_item_at(b))
 
 
 def _groups(spec: GraphSpec, reqs: list[_Request]) -> list[list[_Request]]:

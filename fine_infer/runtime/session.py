@@ -45,6 +45,7 @@ class Session:
         self._threads = threads
         self._hint = hint
         self._runners: dict[str, Runner] = {}
+        self._lane_runners: dict[tuple[str, int], Runner] = {}  # (graph, intra-op threads): the batcher's lanes
         self._lock = threading.Lock()
         self._tokenizer = None
         self._model = None
@@ -112,14 +113,32 @@ class Session:
         return True
 
     # --- runners ------------------------------------------------------------------------------------------------
-    def runner(self, graph: str) -> Runner:
-        """The runner of ``graph`` (created on first use)."""
+    def runner(self, graph: str, threads: int | None = None) -> Runner:
+        """The runner of ``graph`` (created on first use). ``threads``: a runner of its own with that many intra-op
+        threads, kept beside the default one (ONNX Runtime only): what the dynamic batcher's lanes run on, several
+        batches at once, each on its own share of the cores."""
         with self._lock:
+            if threads is not None:
+                if self.backend != "onnxruntime":
+                    raise ConfigError(f"a runner with its own thread count needs backend 'onnxruntime', not "
+                                      f"{self.backend!r}")
+                key = (graph, int(threads))
+                if key not in self._lane_runners:
+                    self._lane_runners[key] = self._make_runner(graph, int(threads))
+                return self._lane_runners[key]
             if graph not in self._runners:
                 self._runners[graph] = self._make_runner(graph)
             return self._runners[graph]
 
-    def _make_runner(self, graph: str) -> Runner:
+    def release_runner(self, graph: str, threads: int) -> None:
+        """Close and forget the runner of ``graph`` with ``threads`` intra-op threads (one a calibration tried and
+        did not keep: its weights need not stay in memory)."""
+        with self._lock:
+            runner = self._lane_runners.pop((graph, int(threads)), None)
+        if runner is not None:
+            runner.close()
+
+    def _make_runner(self, graph: str, threads: int | None = None) -> Runner:
         entry = self.bundle.graph(graph)
         if self.backend == "openvino":
             from fine_infer.runtime.openvino_runner import OpenVINORunner, variant_precision
@@ -136,7 +155,7 @@ class Session:
                 return TensorRTRunner(entry.spec, path, device=_cuda_index(self._device))
             from fine_infer.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-            return OnnxRuntimeRunner(entry.spec, path, self._providers, self._threads,
+            return OnnxRuntimeRunner(entry.spec, path, self._providers, threads or self._threads,
                                      session_kwargs=ort_session_kwargs(self.variant))
         from fine_infer.runtime.torch_runner import TorchRunner, model_from_bundle
 
@@ -154,12 +173,13 @@ class Session:
         """Per graph that has run, what actually executes it (the provider in use, not merely an available one)."""
         return {name: r.provider for name, r in self._runners.items()}
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run ``graph`` on raw inputs (already preprocessed); outputs by name."""
+    def run(self, graph: str, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``graph`` on raw inputs (already preprocessed); outputs by name. ``threads``: on a runner with that
+        many intra-op threads (see :meth:`runner`)."""
         batch = _batch_of(feeds)
         if batch > MAX_BATCH:
             raise InputError(f"batch of {batch} exceeds the limit of {MAX_BATCH}; split it into smaller calls")
-        return self.runner(graph).run(feeds)
+        return self.runner(graph, threads).run(feeds)
 
     # --- preprocessing ------------------------------------------------------------------------------------------
     @property
@@ -238,9 +258,10 @@ class Session:
 
     def close(self) -> None:
         """Release every runner."""
-        for r in self._runners.values():
+        for r in (*self._runners.values(), *self._lane_runners.values()):
             r.close()
         self._runners.clear()
+        self._lane_runners.clear()
 
     def __repr__(self) -> str:
         m = self.manifest

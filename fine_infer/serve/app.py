@@ -63,6 +63,7 @@ class ServeState:
         api_key: str | None = None,
         calibration_budget_s: float = 5.0,
         adaptive_delay: bool = True,
+        lanes: int | None = None,
     ) -> None:
         self.session = session
         self.index = index
@@ -72,7 +73,8 @@ class ServeState:
         self.api_key = api_key.encode() if api_key else None
         self.metrics = Metrics(self)
         self.batcher = DynamicBatcher(session, max_batch_size, max_delay_ms, on_batch=self.metrics.observe_batch,
-                                      calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay)
+                                      calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay,
+                                      lanes=lanes)
         if bench_result is not None:
             self.batcher.use_bench_result(bench_result)
         self.ready = False
@@ -96,7 +98,7 @@ class ServeState:
                 self.session.run(name, example_feeds(g.spec, 1, m.text))  # first runs allocate: not a client's cost
             cal = self.batcher.calibrate_all()
             for g, c in cal.items():
-                log.info("graph %s: max_batch_size %d (%s) %s", g, c.max_batch_size, c.source,
+                log.info("graph %s: max_batch_size %d, %d lane(s) (%s) %s", g, c.max_batch_size, c.lanes, c.source,
                          {b: round(v, 3) for b, v in c.per_item_ms.items()})
             self.ready = True
         except Exception as exc:  # noqa: BLE001 - reported by /readyz rather than killing the server
@@ -113,6 +115,7 @@ class ServeState:
             "providers": self.session.providers,
             "embed_dim": m.embed_dim,
             "graphs": {n: {"task": g.spec.task, "max_batch_size": self.batcher.max_batch_size(n),
+                           "lanes": self.batcher.lanes(n),
                            "calibration": c.to_dict() if (c := self.batcher.calibrations.get(n)) else None}
                        for n, g in m.graphs.items()},
             "tasks": sorted({g.spec.task for g in m.graphs.values()}),
@@ -475,18 +478,20 @@ def create_app(
     prepare: str = "background",
     calibration_budget_s: float = 5.0,
     adaptive_delay: bool = True,
+    lanes: int | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``session`` (and ``index`` for ``/v1/search``).
 
     ``max_batch_size``: fixed per graph (int or mapping) or None to calibrate at start-up (or take it from
     ``bench_result``, a ``fine-infer bench --json`` file). ``adaptive_delay``: wait ``max_delay_ms`` for batch-mates
-    only when some are to be expected (see :class:`DynamicBatcher`). ``prepare``: ``"background"`` (warm-up and calibration
+    only when some are to be expected; ``lanes``: batches of a graph in the model at once (both: see
+    :class:`DynamicBatcher`). ``prepare``: ``"background"`` (warm-up and calibration
     after start-up; ``/readyz`` says when done), ``"now"`` (before this returns) or ``"skip"`` (ready at once).
     The :class:`ServeState` is ``app.state.serve``.
     """
     state = ServeState(session, index, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                        bench_result=bench_result, limits=limits, api_key=api_key,
-                       calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay)
+                       calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay, lanes=lanes)
     if prepare == "now":
         state.prepare()
     elif prepare == "skip":

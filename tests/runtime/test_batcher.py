@@ -16,8 +16,10 @@ from fine_infer.errors import ConfigError, InputError
 from fine_infer.runtime.batcher import (
     DynamicBatcher,
     bench_batch_sizes,
+    cpu_cores,
     example_feeds,
     pick_batch_size,
+    pick_plan,
     repeat_rows,
 )
 from fine_infer.specs import GraphSpec, TensorSpec
@@ -301,9 +303,54 @@ def test_calibration_measures_and_picks(session):
     b = DynamicBatcher(session)
     cal = b.calibrate("gallery", budget_s=3.0)
     assert set(cal.per_item_ms) <= {1, 2, 4, 8, 16, 32} and 1 in cal.per_item_ms
-    assert cal.max_batch_size == pick_batch_size(cal.per_item_ms)
-    assert b.max_batch_size("gallery") == cal.max_batch_size
+    assert (cal.lanes, cal.max_batch_size) == pick_plan(cal.per_item_ms, cal.lane_per_item_ms, cpu_cores())
+    assert b.max_batch_size("gallery") == cal.max_batch_size and b.lanes("gallery") == cal.lanes
+    if cpu_cores() >= 2:  # one single-threaded lane per core was timed too, lanes * batch <= 32
+        assert cal.lane_per_item_ms and all(1 < k <= 32 // cpu_cores() for k in cal.lane_per_item_ms)
+    assert cal.to_dict()["lanes"] == cal.lanes
     b.close()
+
+
+def test_lanes_run_batches_side_by_side_with_answers_equal_to_direct_calls(session):
+    reqs = _requests(session, 128, seed=8)
+    direct = [session.run("compose", r)["embedding"] for r in reqs]
+    spans = []
+
+    def seen(graph, rows, n, seconds):
+        end = time.perf_counter()
+        spans.append((end - seconds, end, threading.get_ident()))
+
+    with DynamicBatcher(session, max_batch_size=8, max_delay_ms=5, lanes=2, on_batch=seen) as b:
+        with ThreadPoolExecutor(32) as ex:
+            outs = list(ex.map(lambda r: b.run("compose", r, timeout=DEADLINE_S)["embedding"], reqs))
+        assert b.lanes("compose") == 2 and len(b._queues["compose"].threads) == 2
+    for d, o in zip(direct, outs):
+        np.testing.assert_allclose(o, d, atol=1e-5)  # a lane's runner has its own thread count: same numbers
+    assert len({t for _, _, t in spans}) == 2, "both lanes' workers ran batches"
+    spans.sort()
+    assert any(b0 < a1 for (_, a1, _), (b0, _, _) in zip(spans, spans[1:])), "no two batches were ever in the model at once"
+    lane_runner = session.runner("compose", threads=max(1, cpu_cores() // 2))
+    assert lane_runner is not session.runner("compose")
+
+
+def test_pick_plan_prefers_lanes_only_when_they_are_cheaper():
+    one_lane = {1: 0.15, 2: 0.13, 4: 0.11, 8: 0.094, 16: 0.085, 32: 0.079}
+    assert pick_plan(one_lane, {2: 0.093, 4: 0.084, 8: 0.076, 16: 0.071}, 2) == (2, 16)
+    assert pick_plan(one_lane, {2: 0.2, 4: 0.15, 8: 0.1, 16: 0.09}, 2) == (1, 32)
+    assert pick_plan(one_lane, {2: 0.2, 8: 0.0795, 16: 0.0790}, 2) == (1, 32)  # a tie: one lane (less memory)
+    assert pick_plan({1: 17.0, 2: 16.0}, {2: 15.5}, 2) == (1, 1)  # nothing saves 15% over batch 1
+    assert pick_plan(one_lane, {}, 2) == (1, pick_batch_size(one_lane))
+
+
+def test_lanes_need_onnxruntime_and_a_positive_count(session):
+    with pytest.raises(ConfigError, match="lanes must be a positive integer"):
+        DynamicBatcher(session, lanes=0)
+    torch_session = fine_infer.load(session.bundle.path, backend="torch")
+    with pytest.raises(ConfigError, match="lanes > 1 need the onnxruntime backend"):
+        DynamicBatcher(torch_session, lanes=2)
+    with pytest.raises(ConfigError, match="own thread count needs backend 'onnxruntime'"):
+        torch_session.runner("compose", threads=1)
+    DynamicBatcher(torch_session, lanes=1).close()  # one lane is the session's own runner: any backend
 
 
 class _Timed:
