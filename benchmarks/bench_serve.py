@@ -179,7 +179,9 @@ def _batched_vs_unbatched(benchmark, session, graph, make_feeds, per_client, rou
     benchmark.extra_info.update({"calibration": cal.to_dict(), "batched_req_per_s": b_rps,
                                  "unbatched_req_per_s": u_rps, "ratio": b_rps / u_rps})
     _summary[f"{name}: per-item ms by batch size"] = {k: round(v, 3) for k, v in cal.per_item_ms.items()}
-    _summary[f"{name}: calibrated max_batch_size"] = cal.max_batch_size
+    _summary[f"{name}: lanes x threads=1, per-item ms by batch size"] = {k: round(v, 3)
+                                                                      for k, v in cal.lane_per_item_ms.items()}
+    _summary[f"{name}: calibrated lanes, max_batch_size"] = (cal.lanes, cal.max_batch_size)
     _summary[f"{name}: unbatched req/s (32 threads)"] = u_rps
     _summary[f"{name}: batched req/s (32 threads)"] = b_rps
     _summary[f"{name}: batched / unbatched"] = b_rps / u_rps
@@ -325,6 +327,8 @@ def test_http_throughput(benchmark, http_bundle):
     _summary[f"http {arch} {workload} rounds (max-batch-size-1, batched req/s)"] = tuple(
         (round(u["items_per_s"]), round(b["items_per_s"])) for u, b in zip(runs["max-batch-size-1"], runs["batched"]))
     _summary[f"http {arch} {workload}: batched / max-batch-size-1 (32 clients)"] = ratio
+    _summary[f"http {arch} {workload}: batched server's (lanes, max_batch_size) per graph"] = {
+        g: (v.get("lanes", 1), v["max_batch_size"]) for g, v in info["graphs"].items()}
     benchmark.extra_info.update({"ratio": ratio, "server_batch_sizes": {g: v["max_batch_size"]
                                                                         for g, v in info["graphs"].items()}})
 
