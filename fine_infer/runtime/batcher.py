@@ -301,9 +301,9 @@ class DynamicBatcher:
     batch run (metrics).
 
     ``lanes``: batches of a graph in the model at once, each from a worker thread of its own on a runner with
-    ``cores // lanes`` intra-op threads (ONNX Runtime). On a CPU, two single-threaded batches side by side do more
+    ``threads // lanes`` intra-op threads (ONNX Runtime; ``threads``: the session's cap, else the cores). On a CPU, two single-threaded batches side by side do more
     work per core than one batch on two threads, and one lane's callers resubmit while the other lane runs. None:
-    measured with the batch size (:meth:`calibrate` tries one lane and one lane per core), else 1. A fixed
+    measured with the batch size (:meth:`calibrate` tries one lane and one single-threaded lane per thread), else 1. A fixed
     ``max_batch_size`` is per lane.
     """
 
@@ -370,14 +370,18 @@ class DynamicBatcher:
     def _lane_threads(self, graph: str) -> int | None:
         """Intra-op threads of a lane's runner; None: the session's own runner (one lane)."""
         n = self.lanes(graph)
-        return None if n < 2 else max(1, cpu_cores() // n)
+        return None if n < 2 else max(1, self._thread_budget() // n)
+
+    def _thread_budget(self) -> int:
+        """Intra-op threads all lanes together may use: the session's cap (``load(threads=...)``), else one per core."""
+        return getattr(self.session, "threads", None) or cpu_cores()
 
     def _can_use_lanes(self, graph: str) -> bool:
         """Lanes are measured only where they can pay: ONNX Runtime on a CPU with two or more cores."""
         runner = getattr(self.session, "runner", None)  # (a stand-in session may have none)
         if getattr(self.session, "backend", None) != "onnxruntime" or runner is None:
             return False
-        return cpu_cores() >= 2 and runner(graph).provider == "CPUExecutionProvider"
+        return self._thread_budget() >= 2 and runner(graph).provider == "CPUExecutionProvider"
 
     def max_batch_size(self, graph: str) -> int | None:
         """The batch size in force for ``graph`` (None: not calibrated yet)."""
@@ -422,8 +426,8 @@ class DynamicBatcher:
             sizes = sorted(set(int(x) for x in batch_sizes))
             # Lanes: as fixed, else one per core where they can pay. Fixed lanes > 1 time the one lane at batch 1
             # only (the unbatched reference); lane batch sizes keep lanes * batch within the largest batch size.
-            lanes = self._fixed_lanes or (cpu_cores() if self._can_use_lanes(graph) else 1)
-            lane_threads = max(1, cpu_cores() // lanes)
+            lanes = self._fixed_lanes or (self._thread_budget() if self._can_use_lanes(graph) else 1)
+            lane_threads = max(1, self._thread_budget() // lanes)
             lane_sizes = [b for b in sizes if b > 1 and lanes * b <= sizes[-1]] if lanes > 1 else []
             if self._fixed_lanes and self._fixed_lanes > 1:
                 sizes = [1]
@@ -451,6 +455,14 @@ class DynamicBatcher:
         self._sizes[graph] = cal.max_batch_size
         self.calibrations[graph] = cal
         return cal
+
+    def warm_up(self, graph: str) -> None:
+        """Run ``graph`` once on synthetic feeds on every runner its batches use (first runs allocate, and a lane's
+        runner is created on first use): a cost for start-up, not for the first client."""
+        sample = self._sample(self.session.bundle.graph(graph).spec)
+        self._run(graph, sample)
+        if self.lanes(graph) > 1:
+            self._run(graph, sample, self._lane_threads(graph))
 
     def _run(self, graph: str, feeds: Feeds, threads: int | None = None) -> Feeds:
         """One model run, on a lane's runner when ``threads`` is given."""

@@ -164,6 +164,11 @@ class Session:
         return TorchRunner(entry.spec, self._model, self._device, self._kernels)
 
     @property
+    def threads(self) -> int | None:
+        """The intra-op thread cap this session was loaded with (None: the backend's default, one per core)."""
+        return self._threads
+
+    @property
     def label(self) -> str:
         """``backend`` or ``backend/variant`` (``onnxruntime``, ``openvino/bf16``): the CPU path names of tune/bench."""
         return self.backend if self.variant == "fp32" else f"{self.backend}/{self.variant}"

@@ -33,7 +33,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from fine_infer.errors import BundleError, ConfigError, FineInferError, InputError
-from fine_infer.runtime.batcher import DynamicBatcher, example_feeds
+from fine_infer.runtime.batcher import DynamicBatcher
 from fine_infer.serve import schemas
 from fine_infer.serve.limits import LimitExceeded, Limits, ServeError
 from fine_infer.serve.metrics import CONTENT_TYPE, Metrics
@@ -93,9 +93,8 @@ class ServeState:
     def prepare(self) -> None:
         """Warm every graph up and calibrate its batch size (unless fixed); then mark the server ready."""
         try:
-            m = self.session.manifest
-            for name, g in m.graphs.items():
-                self.session.run(name, example_feeds(g.spec, 1, m.text))  # first runs allocate: not a client's cost
+            for name in self.session.manifest.graphs:
+                self.batcher.warm_up(name)  # first runs allocate: not a client's cost
             cal = self.batcher.calibrate_all()
             for g, c in cal.items():
                 log.info("graph %s: max_batch_size %d, %d lane(s) (%s) %s", g, c.max_batch_size, c.lanes, c.source,

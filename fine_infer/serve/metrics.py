@@ -4,7 +4,8 @@
 - ``fine_infer_http_requests_in_flight``
 - ``fine_infer_batch_size{graph}`` (rows per model run), ``fine_infer_batch_requests{graph}`` (requests merged),
   ``fine_infer_batch_duration_seconds{graph}`` (model time per batch)
-- ``fine_infer_queue_depth{graph}`` and ``fine_infer_max_batch_size{graph}``, read from the batcher at scrape time
+- ``fine_infer_queue_depth{graph}``, ``fine_infer_max_batch_size{graph}`` and ``fine_infer_lanes{graph}`` (batches in
+  the model at once), read from the batcher at scrape time
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class _BatcherCollector:
         self.state = state
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        """The two gauges, read now."""
+        """The gauges, read now."""
         depth = GaugeMetricFamily("fine_infer_queue_depth", "Requests waiting for a batch, per graph", labels=["graph"])
         size = GaugeMetricFamily("fine_infer_max_batch_size", "Batch size in force, per graph", labels=["graph"])
+        lanes = GaugeMetricFamily("fine_infer_lanes", "Batches in the model at once, per graph", labels=["graph"])
         batcher = getattr(self.state, "batcher", None)
         if batcher is not None:
             for g in self.state.session.manifest.graphs:
@@ -37,8 +39,10 @@ class _BatcherCollector:
                 n = batcher.max_batch_size(g)
                 if n is not None:
                     size.add_metric([g], n)
+                lanes.add_metric([g], batcher.lanes(g))
         yield depth
         yield size
+        yield lanes
 
 
 class Metrics:

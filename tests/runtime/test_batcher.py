@@ -353,6 +353,15 @@ def test_lanes_need_onnxruntime_and_a_positive_count(session):
     DynamicBatcher(torch_session, lanes=1).close()  # one lane is the session's own runner: any backend
 
 
+def test_lanes_stay_within_the_sessions_thread_cap(session):
+    capped = fine_infer.load(session.bundle.path, backend="onnxruntime", threads=1)
+    with DynamicBatcher(capped) as b:
+        cal = b.calibrate("gallery", budget_s=1.0)
+    assert cal.lanes == 1 and not cal.lane_per_item_ms  # one thread in all: nothing to share between lanes
+    with DynamicBatcher(fine_infer.load(session.bundle.path, backend="onnxruntime", threads=2), lanes=2) as b:
+        assert b._lane_threads("gallery") == 1  # two lanes of one thread each, whatever the machine's cores
+
+
 class _Timed:
     """A fake session whose run costs ``cost(batch)`` seconds (sleep): deterministic calibration targets."""
 

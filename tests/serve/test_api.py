@@ -153,6 +153,9 @@ def test_server_keeps_serving_and_metrics_parse(client):
     assert counts.get(("/v1/embed", "422"), 0) >= 1 and counts.get(("/v1/embed", "400"), 0) >= 1
     batch = [s for s in families["fine_infer_batch_size"].samples if s.name.endswith("_count")]
     assert sum(s.value for s in batch) >= 1
+    info = client.get("/v1/info").json()["graphs"]
+    lanes = {s.labels["graph"]: s.value for s in families["fine_infer_lanes"].samples}
+    assert lanes == {g: v["lanes"] for g, v in info.items()} and all(n >= 1 for n in lanes.values())
 
 
 def test_api_key_and_loopback_rule(maaf_session):

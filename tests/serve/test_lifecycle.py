@@ -34,6 +34,15 @@ def _wait_ready(url, proc, timeout=60.0):
     raise AssertionError(f"{url} not ready in {timeout} s")
 
 
+def _queued(url):
+    """Requests waiting in the server's batcher, from ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=DEADLINE_S).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "fine_infer_queue_depth"
+               for s in f.samples)
+
+
 def test_sigterm_drains_in_flight_requests(maaf_bundle, maaf_session, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -48,13 +57,17 @@ def test_sigterm_drains_in_flight_requests(maaf_bundle, maaf_session, tmp_path):
         index_args = ["--index", str(tmp_path / "gallery.idx")]
     except ImportError:
         pass
-    # A long batching delay keeps the requests in flight (queued) when SIGTERM arrives.
+    # A long batching delay keeps the requests in flight (queued) when SIGTERM arrives; two lanes from the flag.
     proc = subprocess.Popen(
         [sys.executable, "-m", "fine_infer.cli_serve", "serve", str(maaf_bundle), "--port", str(port),
-         "--max-batch-size", "8", "--max-delay-ms", "600", "--fixed-delay", "--log-level", "warning", *index_args],
+         "--max-batch-size", "8", "--lanes", "2", "--max-delay-ms", "5000", "--fixed-delay", "--log-level", "warning",
+         *index_args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         _wait_ready(url, proc)
+        info = httpx.get(url + "/v1/info", timeout=DEADLINE_S).json()
+        assert {g["lanes"] for g in info["graphs"].values()} == {2}
+        assert {g["max_batch_size"] for g in info["graphs"].values()} == {8}
         if index_args:
             r = httpx.post(url + "/v1/search", json={"image": b64(gallery[3]), "k": 2}, timeout=DEADLINE_S)
             assert r.status_code == 200 and r.json()["hits"][0]["metadata"] == {"n": 3}
@@ -68,13 +81,15 @@ def test_sigterm_drains_in_flight_requests(maaf_bundle, maaf_session, tmp_path):
 
         results = []
         t = threading.Thread(target=lambda: results.extend(run_concurrently(call, imgs, workers=4)))
-        t0 = time.monotonic()
         t.start()
-        time.sleep(0.25)
+        deadline = time.monotonic() + DEADLINE_S
+        while _queued(url) < 4:  # all four wait in the batcher's queue (the 5 s delay holds them there)
+            assert time.monotonic() < deadline and t.is_alive(), "the requests never queued up"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         t.join(DEADLINE_S)
-        assert time.monotonic() - t0 > 0.4  # the answers came after SIGTERM: they were in flight and drained
-        assert [r.status_code for r in results] == [200] * 4
+        assert not t.is_alive()
+        assert [r.status_code for r in results] == [200] * 4  # in flight at SIGTERM, drained and answered
         for img, r in zip(imgs, results):
             np.testing.assert_allclose(r.json()["embeddings"], maaf_session.embed_images([img]), atol=1e-5)
         # uvicorn re-raises the signal once drained, so the exit status is 'terminated by SIGTERM' (or 0)
