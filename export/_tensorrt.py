@@ -278,7 +278,7 @@ def build_bundle_engines(
     With ``fp16`` each graph's ``fp16`` variant is the source when the bundle has one (required on TensorRT 11).
     The TensorRT lint runs first (``lint=False`` skips it) so an unsupported op fails with its node name before
     TensorRT is even loaded. Engines become variants ``trt`` / ``trt-fp16`` of their graph."""
-    from fine_infer.bundle import read_bundle
+    from fine_infer.bundle import commit_manifest, read_bundle
     from fine_infer.export._lint import lint_gate
     from fine_infer.runtime.variants import engine_variant
 
@@ -330,18 +330,8 @@ def build_bundle_engines(
             m.files.pop(record["timing_cache"], None)
         record["timing_cache"] = cache_out.name
         added.append(cache_out.name)
-    _commit_files(b.path, m, added)
+    # Engines, sidecars and timing caches the manifest no longer lists (replaced ones) are deleted once it is written.
+    stale = [p.name for pattern in ("*.engine", "*.engine.json", "tensorrt.*.timing-cache")
+             for p in b.path.glob(pattern)]
+    commit_manifest(b.path, m, added, stale)
     return infos
-
-
-def _commit_files(folder: Path, manifest, added: list[str]) -> None:
-    """Hash the new files into the manifest, rewrite it atomically, then delete engines it no longer lists."""
-    from fine_infer.bundle import MANIFEST, sha256_file
-
-    for name in added:
-        manifest.files[name] = sha256_file(folder / name)
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n")
-    for pattern in ("*.engine", "*.engine.json", "tensorrt.*.timing-cache"):
-        for p in folder.glob(pattern):
-            if p.name not in manifest.files:
-                p.unlink(missing_ok=True)

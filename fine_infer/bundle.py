@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from fine_infer._atomic import DIR_MODE, atomic_write_bytes, fsync_dir
 from fine_infer.errors import BundleError
@@ -176,6 +176,20 @@ def read_manifest(path: str | Path) -> Manifest:
         raise
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{mpath} is damaged ({type(exc).__name__}: {exc}); re-export the bundle") from None
+
+
+def commit_manifest(path: str | Path, manifest: Manifest, added: Sequence[str] = (),
+                    stale: Iterable[str] = ()) -> None:
+    """Hash the ``added`` files into ``manifest``, rewrite the bundle's ``manifest.json`` atomically, then delete the
+    ``stale`` files it no longer lists. Files are replaced under new names and the old ones deleted only after the
+    manifest has moved on, so a failure at any point leaves a bundle whose manifest lists valid files."""
+    folder = Path(path)
+    for name in added:
+        manifest.files[name] = sha256_file(folder / name)
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n")
+    for name in stale:
+        if name not in manifest.files and name != MANIFEST:
+            (folder / name).unlink(missing_ok=True)
 
 
 def verify_files(path: str | Path, manifest: Manifest) -> None:

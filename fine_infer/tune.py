@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from fine_infer.bundle import MANIFEST, Bundle, Manifest, read_bundle, read_manifest, sha256_file
+from fine_infer.bundle import Bundle, Manifest, commit_manifest, read_bundle, read_manifest
 from fine_infer.errors import BundleError, ConfigError
 
 TUNE_KIND = "fine-infer-tune"
@@ -260,19 +260,11 @@ def update_manifest(path: str | Path, mutate: Callable[[Manifest], Iterable[str]
 
     Only ``manifest.json`` changes besides the added and dropped files, so every other sha256 stays valid. Not safe
     against two processes updating the same bundle at once (the later write wins)."""
-    from fine_infer._atomic import atomic_write_bytes
-
-    folder = Path(path)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(path)
     dropped = [n for n in mutate(manifest) if n]
     for name in dropped:
         manifest.files.pop(name, None)
-    for name in added:
-        manifest.files[name] = sha256_file(folder / name)
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n")
-    for name in dropped:
-        if name not in manifest.files and name != MANIFEST:
-            (folder / name).unlink(missing_ok=True)
+    commit_manifest(path, manifest, added, stale=dropped)
     return manifest
 
 
