@@ -70,3 +70,34 @@ def test_demo_uses_the_bench_timer():
 
     assert demo._median_ms is bench._median_ms
     assert bench._median_ms(lambda: None, repeats=3, warmup=1) >= 0
+
+
+def test_compare_catches_a_planted_slowdown(tmp_path, capsys):
+    """Two real bundles whose graph has the same name and inputs, the second planted with 8x the work: benching it
+    against the first one's JSON exits 1 and names the regression; the first against itself passes."""
+    torch = pytest.importorskip("torch")
+    from fine_infer.export import export_module
+
+    class MLP(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.GELU(), torch.nn.Linear(width, 64))
+
+        def forward(self, x):
+            return self.net(x)
+
+    def mlp(width):
+        torch.manual_seed(0)
+        return MLP(width).eval()
+
+    example = {"x": torch.randn(2, 64)}
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    export_module(mlp(256), example, fast, batch_sizes=(2,))
+    export_module(mlp(256 * 32), example, slow, batch_sizes=(2,))  # the planted slowdown: ~32x the FLOPs
+    args = ["--quick", "--backend", "onnxruntime", "--batch-sizes", "8", "--no-progress"]
+    assert main(["bench", str(fast), *args, "--json", str(tmp_path / "fast.json")]) == 0
+    assert main(["bench", str(fast), *args, "--compare", str(tmp_path / "fast.json"), "--max-regression", "2.0"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(slow), *args, "--compare", str(tmp_path / "fast.json")]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "model" in out
