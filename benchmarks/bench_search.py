@@ -168,8 +168,8 @@ def run(sizes: list[int], reps1: int, reps64: int, settle: float) -> tuple[list[
         engines: dict[str, tuple[str, Callable[[np.ndarray], object]]] = {}
         flat = faiss.IndexFlatIP(D)
         flat.add(g)
-        engines["FAISS IndexFlatIP"] = ("float32", lambda q: flat.search(q, K))
-        engines["numpy matmul+argpartition"] = ("float32", lambda q: numpy_search(q, g, K))
+        engines["FAISS IndexFlatIP"] = ("float32", lambda q, flat=flat: flat.search(q, K))
+        engines["numpy matmul+argpartition"] = ("float32", lambda q, g=g: numpy_search(q, g, K))
         indexes: dict[str, Index] = {}
         for dtype in ("float32", "float16", "int8"):
             index = Index(D, dtype, rescore=dtype != "float32")
