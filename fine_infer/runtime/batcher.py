@@ -377,7 +377,7 @@ class DynamicBatcher:
         return getattr(self.session, "threads", None) or cpu_cores()
 
     def _can_use_lanes(self, graph: str) -> bool:
-        """Lanes are measured only where they can pay: ONNX Runtime on a CPU with two or more cores."""
+        """Lanes are measured only where they can pay: ONNX Runtime on a CPU, with two or more threads to share."""
         runner = getattr(self.session, "runner", None)  # (a stand-in session may have none)
         if getattr(self.session, "backend", None) != "onnxruntime" or runner is None:
             return False
@@ -406,13 +406,16 @@ class DynamicBatcher:
         batch_sizes: Sequence[int] = CALIBRATION_BATCHES,
         budget_s: float | None = None,
     ) -> Calibration:
-        """Measure per-item cost at each batch size and set ``graph``'s ``max_batch_size`` to the best.
+        """Measure per-item cost at each batch size (and number of lanes) and set ``graph``'s ``max_batch_size``
+        and lanes to the cheapest per item (:func:`pick_plan`).
 
         ``sample`` (default: synthetic feeds) is repeated to each batch size. Each size gets a warm-up run, then
         at least 3 timed runs, in two passes (ascending, then descending); its fastest run counts. Batch 1 is timed
         as ``CALIBRATION_CALLERS`` concurrent callers (what unbatched requests get). The first pass
         stops early once a size costs 25% more per item than the best batch so far (compute-bound: bigger only gets
-        worse) or half the time budget is spent.
+        worse) or its share of the time budget is spent. Where lanes can pay (ONNX Runtime on a CPU, a thread
+        budget of two or more), one single-threaded lane per thread is timed too, at batch sizes up to the largest
+        over the lanes; ``lanes`` fixed at construction are timed as they are.
         Graphs whose outputs do not follow the batch axis cannot be batched and get 1.
         """
         budget = self.calibration_budget_s if budget_s is None else budget_s
