@@ -134,8 +134,8 @@ def add_commands(sub: argparse._SubParsersAction, add: AddFn) -> None:
     s.add_argument("--max-batch-size", type=_positive("--max-batch-size"),
                    help="rows per model run for every graph (default: measured per graph at start-up)")
     s.add_argument("--lanes", type=_positive("--lanes"),
-                   help="batches of a graph in the model at once, each on cores/lanes threads (ONNX Runtime; "
-                        "default: measured with the batch size, else 1)")
+                   help="batches of a graph in the model at once, each on (--threads, else the cores) / lanes "
+                        "threads (ONNX Runtime; default: measured with the batch size, else 1)")
     s.add_argument("--max-delay-ms", type=float, default=2.0, help="how long a request may wait for batch-mates")
     s.add_argument("--fixed-delay", action="store_true",
                    help="always wait --max-delay-ms for batch-mates (default: only when several requests are queued)")
