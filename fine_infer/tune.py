@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from fine_infer._cpu import cpu_cores
 from fine_infer.bundle import Bundle, Manifest, commit_manifest, read_bundle, read_manifest
 from fine_infer.errors import BundleError, ConfigError
 
@@ -159,8 +160,7 @@ def cpu_signature() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores}
+    return {"cpu": cpu, "cores": cpu_cores()}
 
 
 def _geomean(xs: Sequence[float]) -> float:

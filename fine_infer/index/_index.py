@@ -13,13 +13,13 @@ import contextlib
 import copy
 import json
 import numbers
-import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from fine_infer._cpu import cpu_cores
 from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
 from fine_infer.index import _format, _native_search
 from fine_infer.index._storage import DTYPES, FLOAT16_MAX, SLICE, PanelStore, abs_colmax, panels_for
@@ -165,13 +165,6 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))  # respects taskset / container CPU sets
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 # --- the index ------------------------------------------------------------------------------------------------------
 
 
@@ -224,7 +217,7 @@ class Index:
         self._version = 0  # bumped by every mutation (invalidates the device copy)
         self._gpu: Any = None
         self._cuda: bool | None = None
-        self.threads = int(threads) if threads else _default_threads()
+        self.threads = int(threads) if threads else cpu_cores()  # respects taskset / container CPU sets
         self.device = self._check_device(device)
 
     @staticmethod

@@ -3,9 +3,9 @@
 Callers hand in feeds that are already preprocessed (one or more rows each). Per graph, a worker thread takes
 the queued requests up to ``max_batch_size`` rows, or whatever has arrived ``max_delay_ms`` after the oldest one,
 runs them as one batch on the session's runner and answers every caller with its own rows. With several *lanes*
-(one worker each) several batches of a graph are in the model at once, each on its share of the cores. The delay is adaptive:
-the worker waits for company only when some is to be expected (several requests queued, or the previous batch
-merged several), so a lone caller runs at once::
+(one worker each) several batches of a graph are in the model at once, each on its share of the cores. The delay
+is adaptive: the worker waits for company only when some is to be expected (several requests queued, or the
+previous batch merged several), so a lone caller runs at once::
 
     batcher = DynamicBatcher(session)                 # max_batch_size calibrated per graph on first use
     fut = batcher.submit("text", {"input_ids": ids, "attention_mask": mask})
@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from fine_infer._cpu import cpu_cores
 from fine_infer.errors import ConfigError, InputError
 from fine_infer.runtime.base import check_feeds
 from fine_infer.specs import GraphSpec, TextPreprocess
@@ -81,8 +82,8 @@ class Calibration:
     max_batch_size: int
     seconds: float
     source: str = "measured"  # or "bench:<file>" / "fixed"
-    # Batches of this graph in the model at once, each in a worker of its own on a runner with cores/lanes intra-op
-    # threads; and the per-item ms measured for that many single-threaded lanes, by batch size.
+    # Batches of this graph in the model at once, each in a worker of its own on a runner with threads/lanes
+    # intra-op threads; and the per-item ms measured for that many single-threaded lanes, by batch size.
     lanes: int = 1
     lane_per_item_ms: dict[int, float] = field(default_factory=dict)
 
@@ -222,14 +223,6 @@ def pick_plan(per_item_ms: Mapping[int, float], lane_per_item_ms: Mapping[int, f
     return min(k for k, v in candidates.items() if v <= best * NEAR_BEST)
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def example_feeds(
     spec: GraphSpec,
     batch: int,
@@ -301,10 +294,10 @@ class DynamicBatcher:
     batch run (metrics).
 
     ``lanes``: batches of a graph in the model at once, each from a worker thread of its own on a runner with
-    ``threads // lanes`` intra-op threads (ONNX Runtime; ``threads``: the session's cap, else the cores). On a CPU, two single-threaded batches side by side do more
-    work per core than one batch on two threads, and one lane's callers resubmit while the other lane runs. None:
-    measured with the batch size (:meth:`calibrate` tries one lane and one single-threaded lane per thread), else 1. A fixed
-    ``max_batch_size`` is per lane.
+    ``threads // lanes`` intra-op threads (ONNX Runtime; ``threads``: the session's cap, else the cores). On a CPU,
+    two single-threaded batches side by side do more work per core than one batch on two threads, and one lane's
+    callers resubmit while the other lane runs. None: measured with the batch size (:meth:`calibrate` tries one lane
+    and one single-threaded lane per thread), else 1. A fixed ``max_batch_size`` is per lane.
     """
 
     def __init__(
@@ -327,6 +320,9 @@ class DynamicBatcher:
                                   f"this session runs on {getattr(session, 'backend', None)!r}: use lanes=1")
         self._fixed_lanes = lanes
         self._lanes: dict[str, int] = {}
+        # Intra-op threads all lanes together may use: the session's cap (load(threads=...)), else one per core.
+        # Read once: a lane's thread count is looked up for every batch.
+        self._thread_budget = getattr(session, "threads", None) or cpu_cores()
         self.session = session
         self.max_delay_s = max_delay_ms / 1e3
         self.adaptive_delay = adaptive_delay
@@ -370,18 +366,14 @@ class DynamicBatcher:
     def _lane_threads(self, graph: str) -> int | None:
         """Intra-op threads of a lane's runner; None: the session's own runner (one lane)."""
         n = self.lanes(graph)
-        return None if n < 2 else max(1, self._thread_budget() // n)
-
-    def _thread_budget(self) -> int:
-        """Intra-op threads all lanes together may use: the session's cap (``load(threads=...)``), else one per core."""
-        return getattr(self.session, "threads", None) or cpu_cores()
+        return None if n < 2 else max(1, self._thread_budget // n)
 
     def _can_use_lanes(self, graph: str) -> bool:
         """Lanes are measured only where they can pay: ONNX Runtime on a CPU, with two or more threads to share."""
         runner = getattr(self.session, "runner", None)  # (a stand-in session may have none)
         if getattr(self.session, "backend", None) != "onnxruntime" or runner is None:
             return False
-        return self._thread_budget() >= 2 and runner(graph).provider == "CPUExecutionProvider"
+        return self._thread_budget >= 2 and runner(graph).provider == "CPUExecutionProvider"
 
     def max_batch_size(self, graph: str) -> int | None:
         """The batch size in force for ``graph`` (None: not calibrated yet)."""
@@ -429,8 +421,8 @@ class DynamicBatcher:
             sizes = sorted(set(int(x) for x in batch_sizes))
             # Lanes: as fixed, else one per core where they can pay. Fixed lanes > 1 time the one lane at batch 1
             # only (the unbatched reference); lane batch sizes keep lanes * batch within the largest batch size.
-            lanes = self._fixed_lanes or (self._thread_budget() if self._can_use_lanes(graph) else 1)
-            lane_threads = max(1, self._thread_budget() // lanes)
+            lanes = self._fixed_lanes or (self._thread_budget if self._can_use_lanes(graph) else 1)
+            lane_threads = max(1, self._thread_budget // lanes)
             lane_sizes = [b for b in sizes if b > 1 and lanes * b <= sizes[-1]] if lanes > 1 else []
             if self._fixed_lanes and self._fixed_lanes > 1:
                 sizes = [1]
