@@ -14,7 +14,7 @@ pytest.importorskip("pytest_benchmark")
 pytest.importorskip("torch")
 
 import fine_infer  # noqa: E402
-from fine_infer.runtime.batcher import example_feeds  # noqa: E402
+from fine_infer.runtime.feeds import example_feeds  # noqa: E402
 
 ARCHS = ("fashion-fine", "maaf", "raf", "triplet", "attributes")
 BATCHES = (1, 8, 32)

@@ -31,9 +31,9 @@ pytest.importorskip("pytest_benchmark")
 torch = pytest.importorskip("torch")
 
 import fine_infer  # noqa: E402
-from fine_infer import bench  # noqa: E402
+from fine_infer.tools import bench  # noqa: E402
 from fine_infer.export import export_module, parse_dynamic_axes  # noqa: E402
-from fine_infer.runtime.batcher import DynamicBatcher  # noqa: E402
+from fine_infer.batching import BatchSettings, DynamicBatcher  # noqa: E402
 
 CLIENTS = 32
 PER_CLIENT = 200  # in-process requests per thread (bounded)
@@ -57,8 +57,8 @@ class _ViTLike(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def text_session(tmp_path_factory):
-    """A tiny text encoder (ids + mask, d 256): ~0.2 ms/item at batch 1 and ~0.08 at batch 32 on this CPU, the
-    profile of the zoo's tiny text towers."""
+    """A tiny text encoder (ids + mask, d 256), overhead-bound like the zoo's tiny text towers: per item it gets
+    cheaper as the batch grows (figures: benchmarks/RESULTS.md, Serving)."""
     sys.path.insert(0, str(FIXTURES))
     from user_encoder import TinyTextEncoder
 
@@ -153,13 +153,13 @@ def _batched_vs_unbatched(benchmark, session, graph, make_feeds, per_client, rou
     feeds = make_feeds()
     load_avg = [_load_avg()]
     others = _OtherJobs()
-    batched = DynamicBatcher(session, max_delay_ms=2)
+    batched = DynamicBatcher(session, BatchSettings(max_delay_ms=2))
     cal = batched.calibrate(graph, budget_s=budget_s)
-    direct = DynamicBatcher(session, max_batch_size=1)
+    direct = DynamicBatcher(session, BatchSettings(max_batch_size=1))
     unbatched_s = []
     # For reference only: the same unbatched calls on a session loaded with one intra-op thread (32 concurrent
     # single-threaded runs), the other way to keep two cores busy.
-    single = DynamicBatcher(single_thread, max_batch_size=1) if single_thread is not None else None
+    single = DynamicBatcher(single_thread, BatchSettings(max_batch_size=1)) if single_thread is not None else None
     single_s = []
 
     def call_with(b):
@@ -250,7 +250,7 @@ def _free_port():
 def _start_server(bundle, extra):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "fine_infer.cli_serve", "serve", str(bundle), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "fine_infer.cli", "serve", str(bundle), "--port", str(port),
                              "--log-level", "warning", *extra], stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     import httpx
@@ -435,14 +435,14 @@ def test_direct_session_calls(benchmark, http_bundle):
     process — sequential, and 32 threads through the batcher."""
     arch, bundle = http_bundle
     session = fine_infer.load(bundle)
-    png = bench._sample_png()
+    png = bench.sample_png()
     text = bench.QUERY_TEXT
     index = None
     try:
         from fine_infer.index import Index
 
         index = Index(session.manifest.embed_dim)
-        g = session.embed_images([bench._sample_png(seed=i) for i in range(64)]) if session.manifest.image else None
+        g = session.embed_images([bench.sample_png(seed=i) for i in range(64)]) if session.manifest.image else None
         if g is not None:
             index.add(g, list(range(64)))
     except ImportError:
@@ -468,7 +468,7 @@ def test_direct_session_calls(benchmark, http_bundle):
     _summary[f"direct {arch} sequential req/s"] = seq
     _summary[f"direct {arch} sequential ms/query"] = 1e3 / seq
 
-    b = DynamicBatcher(session, max_delay_ms=2)
+    b = DynamicBatcher(session, BatchSettings(max_delay_ms=2))
     b.calibrate_all()
     if "embed_text" in tasks:
         graph = session.bundle.graph_for_task("embed_text").spec.name

@@ -2,14 +2,16 @@
 
     app = create_app(fine_infer.load("bundle/"), index=Index.load("gallery.idx"))
 
-Requests from every client of a graph meet in one :class:`~fine_infer.runtime.batcher.DynamicBatcher`, so
+Requests from every client of a graph meet in one :class:`~fine_infer.batching.DynamicBatcher`, so
 concurrent requests share model runs. The handlers stay thin: bodies are parsed by pydantic-core straight from
 bytes, texts are tokenized on the event loop (microseconds), images are decoded in worker threads (at most one per
 core at a time), and responses are serialised with :mod:`json` directly, skipping FastAPI's response validation.
 
 Readiness: the app answers ``/healthz`` at once, and ``/readyz`` (and the ``/v1`` routes) only once every graph has
 been warmed up and its batch size calibrated in a background thread. Shutdown: the server stops accepting, finishes
-in-flight requests, then the batcher drains its queue.
+in-flight requests, then the batcher drains its queue. What the app serves is a
+:class:`~fine_infer.serve.state.ServeState`; the API key, body limit and metrics sit in front of the routes
+(:mod:`fine_infer.serve.guard`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hmac
 import json
-import logging
-import os
 import threading
-import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import anyio
 import numpy as np
@@ -32,196 +30,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
+from fine_infer.batching import BatchSettings
 from fine_infer.errors import BundleError, ConfigError, FineInferError, InputError
-from fine_infer.runtime.batcher import DynamicBatcher
+from fine_infer.runtime import classify_outputs
 from fine_infer.serve import schemas
-from fine_infer.serve.limits import LimitExceeded, Limits, ServeError
-from fine_infer.serve.metrics import CONTENT_TYPE, Metrics
-from fine_infer.serve.search import SearchBatcher
+from fine_infer.serve.guard import Guard
+from fine_infer.serve.limits import Limits, ServeError
+from fine_infer.serve.metrics import CONTENT_TYPE
+from fine_infer.serve.state import ServeState
 
-log = logging.getLogger("fine_infer.serve")
-
-# Galleries this large take a quarter of a millisecond or more to scan: search them off the event loop, batched
-# across concurrent requests (one scan serves the batch).
+# From this size a scan holds the event loop longer than handing it to the search worker costs: such galleries are
+# searched off the event loop, batched across concurrent requests (one scan serves the batch); smaller ones inline.
 INDEX_THREAD_MIN = 10_000
-PROTECTED_PREFIXES = ("/v1/", "/metrics")  # need the API key when one is set; health and the schema do not
-
-
-# --- state ---------------------------------------------------------------------------------------------------------
-class ServeState:
-    """What the app serves: the session, its batcher, the index, the limits, and readiness."""
-
-    def __init__(
-        self,
-        session: Any,
-        index: Any | None = None,
-        *,
-        max_batch_size: int | Mapping[str, int] | None = None,
-        max_delay_ms: float = 2.0,
-        bench_result: str | Mapping[str, Any] | None = None,
-        limits: Limits | None = None,
-        api_key: str | None = None,
-        calibration_budget_s: float = 5.0,
-        adaptive_delay: bool = True,
-        lanes: int | None = None,
-    ) -> None:
-        self.session = session
-        self.index = index
-        # Searches of a large gallery are batched across requests too, unless batching is off (max_batch_size 1).
-        self.searcher = None if index is None else SearchBatcher(index, 1 if max_batch_size == 1 else 64)
-        self.limits = limits or Limits()
-        self.api_key = api_key.encode() if api_key else None
-        self.metrics = Metrics(self)
-        self.batcher = DynamicBatcher(session, max_batch_size, max_delay_ms, on_batch=self.metrics.observe_batch,
-                                      calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay,
-                                      lanes=lanes)
-        if bench_result is not None:
-            self.batcher.use_bench_result(bench_result)
-        self.ready = False
-        self.error: str | None = None
-        self.draining = False
-        self.cpu_limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
-        self._check_index()
-
-    def _check_index(self) -> None:
-        dim = self.session.manifest.embed_dim
-        idim = getattr(self.index, "dim", None)
-        if self.index is not None and dim and idim and int(idim) != int(dim):
-            raise ConfigError(f"the index holds {idim}-d vectors but the bundle embeds to {dim}-d; "
-                              "index the gallery with this bundle")
-
-    def prepare(self) -> None:
-        """Warm every graph up and calibrate its batch size (unless fixed); then mark the server ready."""
-        try:
-            for name in self.session.manifest.graphs:
-                self.batcher.warm_up(name)  # first runs allocate: not a client's cost
-            cal = self.batcher.calibrate_all()
-            for g, c in cal.items():
-                log.info("graph %s: max_batch_size %d, %d lane(s) (%s) %s", g, c.max_batch_size, c.lanes, c.source,
-                         {b: round(v, 3) for b, v in c.per_item_ms.items()})
-            self.ready = True
-        except Exception as exc:  # noqa: BLE001 - reported by /readyz rather than killing the server
-            log.exception("preparing the bundle failed")
-            self.error = f"{type(exc).__name__}: {exc}"
-
-    def info(self) -> dict[str, Any]:
-        """What ``GET /v1/info`` reports."""
-        m = self.session.manifest
-        return {
-            "arch": m.arch or m.source,
-            "preset": m.preset,
-            "backend": self.session.backend,
-            "providers": self.session.providers,
-            "embed_dim": m.embed_dim,
-            "graphs": {n: {"task": g.spec.task, "max_batch_size": self.batcher.max_batch_size(n),
-                           "lanes": self.batcher.lanes(n),
-                           "calibration": c.to_dict() if (c := self.batcher.calibrations.get(n)) else None}
-                       for n, g in m.graphs.items()},
-            "tasks": sorted({g.spec.task for g in m.graphs.values()}),
-            "max_text_tokens": self.limits.text_token_limit(m.text.max_length if m.text else None),
-            "index": None if self.index is None else {"items": len(self.index)},
-            "limits": self.limits.to_dict(),
-            "ready": self.ready,
-        }
-
-    def close(self) -> None:
-        """Drain the batcher (in-flight requests are answered first)."""
-        self.draining = True
-        self.batcher.close(drain=True)
-        if self.searcher is not None:
-            self.searcher.close()
-
-
-# --- the ASGI guard: auth, body limit, metrics, last-resort errors ---------------------------------------------------
-class _Guard:
-    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): API key, body size, metrics, JSON 500s."""
-
-    def __init__(self, app: Any, state: ServeState, paths: frozenset[str] = frozenset()) -> None:
-        self.app = app
-        self.state = state
-        self.paths = paths  # label requests answered before routing (401, 413) by path when it is a known one
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        st = self.state
-        t0 = time.perf_counter()
-        status = 500
-        started = False
-
-        async def send_wrapper(message: dict) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                started = True
-            await send(message)
-
-        st.metrics.in_flight.inc()
-        try:
-            path = scope["path"]
-            if st.api_key is not None and path.startswith(PROTECTED_PREFIXES) and not self._authorised(scope):
-                await _send_error(send_wrapper, ServeError("missing or wrong API key: send 'Authorization: Bearer "
-                                                           "KEY' or 'X-API-Key: KEY'", status=401, type="unauthorized"))
-                return
-            length = _header(scope, b"content-length")
-            if length is not None:
-                try:
-                    st.limits.check_body_length(int(length))
-                except ValueError:
-                    await _send_error(send_wrapper, ServeError("bad Content-Length header", type="bad_request"))
-                    return
-                except LimitExceeded as exc:
-                    await _send_error(send_wrapper, exc)
-                    return
-            await self.app(scope, _counting_receive(receive, st.limits), send_wrapper)
-        except Exception as exc:  # noqa: BLE001 - the client gets a JSON 500; the log gets the traceback
-            log.exception("unhandled error on %s", scope.get("path"))
-            if not started:
-                await _send_error(send_wrapper, ServeError(f"internal error ({type(exc).__name__})", status=500,
-                                                           type="internal"))
-        finally:
-            st.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", None)
-            if route is None:
-                route = scope["path"] if scope["path"] in self.paths else "unmatched"  # bounded label values
-            st.metrics.observe_request(route, scope["method"], status, time.perf_counter() - t0)
-
-    def _authorised(self, scope: dict) -> bool:
-        key = _header(scope, b"x-api-key")
-        if key is None:
-            auth = _header(scope, b"authorization") or ""
-            key = auth[7:] if auth[:7].lower() == "bearer " else None
-        return key is not None and hmac.compare_digest(key.encode(), self.state.api_key)
-
-
-def _header(scope: dict, name: bytes) -> str | None:
-    for k, v in scope.get("headers", ()):
-        if k == name:
-            return v.decode("latin-1")
-    return None
-
-
-def _counting_receive(receive: Any, limits: Limits) -> Any:
-    """A receive() that refuses a body growing past the limit while it streams (chunked bodies have no length)."""
-    seen = 0
-
-    async def wrapped() -> dict:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            limits.check_body_length(seen)
-        return message
-
-    return wrapped
-
-
-async def _send_error(send: Any, err: ServeError) -> None:
-    body = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -434,20 +254,6 @@ class _Handlers:
         return _json({"predictions": classify_outputs(out, self.st.session.manifest.class_labels), "graph": spec.name})
 
 
-def classify_outputs(out: Mapping[str, np.ndarray], labels: Mapping[str, list[str]] | None) -> list[dict[str, Any]]:
-    """Per row, per head: softmax of the logits → the top label, its probability, and every label's probability."""
-    rows: list[dict[str, Any]] = [{} for _ in range(len(next(iter(out.values()))))]
-    for name, logits in out.items():
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
-        names = (labels or {}).get(name) or [str(i) for i in range(logits.shape[1])]
-        for i, p in enumerate(probs):
-            j = int(p.argmax())
-            rows[i][name] = {"label": names[j], "score": float(p[j]),
-                             "scores": {n: float(v) for n, v in zip(names, p)}}
-    return rows
-
-
 # --- the app ---------------------------------------------------------------------------------------------------------
 _ERRORS = {400: {"model": schemas.ErrorResponse, "description": "bad input or a limit exceeded (named)"},
            413: {"model": schemas.ErrorResponse, "description": "body or image too large (limit named)"},
@@ -465,32 +271,16 @@ def _body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def create_app(
-    session: Any,
-    index: Any | None = None,
-    *,
-    max_batch_size: int | Mapping[str, int] | None = None,
-    max_delay_ms: float = 2.0,
-    bench_result: str | Mapping[str, Any] | None = None,
-    limits: Limits | None = None,
-    api_key: str | None = None,
-    prepare: str = "background",
-    calibration_budget_s: float = 5.0,
-    adaptive_delay: bool = True,
-    lanes: int | None = None,
-) -> FastAPI:
+def create_app(session: Any, index: Any | None = None, *, batching: BatchSettings | None = None,
+               limits: Limits | None = None, api_key: str | None = None, prepare: str = "background") -> FastAPI:
     """The ASGI app serving ``session`` (and ``index`` for ``/v1/search``).
 
-    ``max_batch_size``: fixed per graph (int or mapping) or None to calibrate at start-up (or take it from
-    ``bench_result``, a ``fine-infer bench --json`` file). ``adaptive_delay``: wait ``max_delay_ms`` for batch-mates
-    only when some are to be expected; ``lanes``: batches of a graph in the model at once (both: see
-    :class:`DynamicBatcher`). ``prepare``: ``"background"`` (warm-up and calibration
-    after start-up; ``/readyz`` says when done), ``"now"`` (before this returns) or ``"skip"`` (ready at once).
-    The :class:`ServeState` is ``app.state.serve``.
+    ``batching``: how requests are batched (:class:`~fine_infer.batching.BatchSettings`; default: each graph's
+    batch size and lanes calibrated at start-up, a 2 ms adaptive delay). ``prepare``: ``"background"`` (warm-up and
+    calibration after start-up; ``/readyz`` says when done), ``"now"`` (before this returns) or ``"skip"`` (ready at
+    once). The :class:`ServeState` is ``app.state.serve``.
     """
-    state = ServeState(session, index, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                       bench_result=bench_result, limits=limits, api_key=api_key,
-                       calibration_budget_s=calibration_budget_s, adaptive_delay=adaptive_delay, lanes=lanes)
+    state = ServeState(session, index, batching=batching, limits=limits, api_key=api_key)
     if prepare == "now":
         state.prepare()
     elif prepare == "skip":
@@ -584,7 +374,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(_Guard, state=state, paths=frozenset(getattr(r, "path", "") for r in app.routes))
+    app.add_middleware(Guard, state=state, paths=frozenset(getattr(r, "path", "") for r in app.routes))
     return app
 
 

@@ -12,7 +12,7 @@ for _mod in ("fastapi", "uvicorn", "prometheus_client", "python_multipart", "mat
 pytest.importorskip("httpx", reason="the serve tests need the 'test' extra")
 
 import fine_infer  # noqa: E402
-from serve_helpers import export_maaf  # noqa: E402
+from serve_helpers import TEST_BATCHING, export_maaf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def server(maaf_bundle):
     """A real uvicorn server (its own session) in a thread; ready before the tests run."""
     from fine_infer.serve import ServerThread, create_app
 
-    app = create_app(fine_infer.load(maaf_bundle), max_delay_ms=5, calibration_budget_s=2.0)
+    app = create_app(fine_infer.load(maaf_bundle), batching=TEST_BATCHING)
     with ServerThread(app) as srv:
         srv.wait_ready(timeout=60)
         yield srv

@@ -9,7 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from fine_infer.batching import BatchSettings
+
 DEADLINE_S = 60.0  # every client call and every concurrent section is bounded by this
+# The test servers' batching: calibrated, on a short budget; a longer delay than the default so that concurrent test
+# clients do meet in batches.
+TEST_BATCHING = BatchSettings(max_delay_ms=5, calibration_budget_s=2.0)
+UNBATCHED = BatchSettings(max_batch_size=1)  # every request runs alone, in the caller's thread
 
 
 def export_zoo(arch, out):

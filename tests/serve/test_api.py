@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fine_infer.errors import ConfigError
 from fine_infer.serve import Limits, check_bind, create_app
-from serve_helpers import DEADLINE_S, b64, huge_png_header, png, run_concurrently
+from serve_helpers import DEADLINE_S, UNBATCHED, b64, huge_png_header, png, run_concurrently
 
 WORDS = "red blue black dress shirt bag with stripes dots long short sleeve collar".split()
 
@@ -118,7 +118,7 @@ def test_malformed_json_and_empty_body(client):
 
 
 def test_body_limit_by_length_and_while_streaming(maaf_session):
-    app = create_app(maaf_session, limits=Limits(max_body_bytes=1000), prepare="skip", max_batch_size=1)
+    app = create_app(maaf_session, limits=Limits(max_body_bytes=1000), prepare="skip", batching=UNBATCHED)
     transport = httpx.ASGITransport(app=app)
 
     async def go():
@@ -159,7 +159,7 @@ def test_server_keeps_serving_and_metrics_parse(client):
 
 
 def test_api_key_and_loopback_rule(maaf_session):
-    app = create_app(maaf_session, api_key="s3cret", prepare="skip", max_batch_size=1)
+    app = create_app(maaf_session, api_key="s3cret", prepare="skip", batching=UNBATCHED)
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
@@ -182,7 +182,7 @@ def test_api_key_and_loopback_rule(maaf_session):
 
 
 def test_not_ready_until_prepared(maaf_session):
-    app = create_app(maaf_session, max_batch_size=1)  # background preparation never starts: no lifespan here
+    app = create_app(maaf_session, batching=UNBATCHED)  # background preparation never starts: no lifespan here
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:

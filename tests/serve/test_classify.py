@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 import fine_infer
-from serve_helpers import DEADLINE_S, b64, export_zoo, png, run_concurrently
+from serve_helpers import DEADLINE_S, TEST_BATCHING, b64, export_zoo, png, run_concurrently
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def attributes(tmp_path_factory):
     bundle = export_zoo("attributes", tmp_path_factory.mktemp("attr") / "attributes")
     from fine_infer.serve import ServerThread, create_app
 
-    app = create_app(fine_infer.load(bundle), max_delay_ms=5, calibration_budget_s=2.0)
+    app = create_app(fine_infer.load(bundle), batching=TEST_BATCHING)
     with ServerThread(app) as srv:
         srv.wait_ready(timeout=60)
         yield srv, fine_infer.load(bundle)

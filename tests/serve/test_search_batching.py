@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fine_infer
-from serve_helpers import DEADLINE_S, export_zoo, run_concurrently
+from serve_helpers import DEADLINE_S, TEST_BATCHING, export_zoo, run_concurrently
 
 from fine_infer.index import Index
 
@@ -113,7 +113,7 @@ def text_server(tmp_path_factory, gallery):
     assert session.manifest.embed_dim == gallery.dim, "the gallery must have the tiny fashion-fine's width"
     from fine_infer.serve import ServerThread, create_app
 
-    app = create_app(fine_infer.load(bundle), gallery, max_delay_ms=5, calibration_budget_s=2.0)
+    app = create_app(fine_infer.load(bundle), gallery, batching=TEST_BATCHING)
     with ServerThread(app) as srv:
         srv.wait_ready(timeout=60)
         yield srv, session

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fine_infer
-from serve_helpers import DEADLINE_S, b64, png, run_concurrently
+from serve_helpers import DEADLINE_S, TEST_BATCHING, b64, png, run_concurrently
 
 from fine_infer.index import Index
 
@@ -23,7 +23,7 @@ def gallery(maaf_session):
 def search_server(maaf_bundle, gallery):
     from fine_infer.serve import ServerThread, create_app
 
-    app = create_app(fine_infer.load(maaf_bundle), gallery[1], max_delay_ms=5, calibration_budget_s=2.0)
+    app = create_app(fine_infer.load(maaf_bundle), gallery[1], batching=TEST_BATCHING)
     with ServerThread(app) as srv:
         srv.wait_ready(timeout=60)
         yield srv

@@ -9,7 +9,7 @@ import pytest
 
 import fine_infer
 from fine_infer.serve import Limits, create_app
-from serve_helpers import DEADLINE_S, export_zoo, run_concurrently
+from serve_helpers import DEADLINE_S, TEST_BATCHING, UNBATCHED, export_zoo, run_concurrently
 
 WORDS = "a red blue black dress shirt bag with stripes dots long short sleeve collar".split()
 
@@ -25,7 +25,7 @@ def ff(tmp_path_factory):
     index = Index(session.manifest.embed_dim)
     texts = [f"{c} {g}" for c in ("red", "blue", "black") for g in ("dress", "shirt", "bag")]
     index.add(session.embed_texts(texts), list(range(len(texts))), metadata=[{"caption": t} for t in texts])
-    app = create_app(fine_infer.load(bundle), index, max_delay_ms=5, calibration_budget_s=2.0)
+    app = create_app(fine_infer.load(bundle), index, batching=TEST_BATCHING)
     with ServerThread(app) as srv:
         srv.wait_ready(timeout=60)
         yield srv, session, index
@@ -57,7 +57,7 @@ def test_token_limits_and_truncation(ff):
         np.testing.assert_allclose(r.json()["embeddings"], session.embed_texts([long_text], truncate=True), atol=1e-5)
         r = c.post("/v1/embed", json={"texts": ["!!!"]})  # no tokens once cleaned? then a named 400, never a 500
         assert r.status_code in (200, 400)
-    app = create_app(session, limits=Limits(max_text_tokens=6), prepare="skip", max_batch_size=1)
+    app = create_app(session, limits=Limits(max_text_tokens=6), prepare="skip", batching=UNBATCHED)
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

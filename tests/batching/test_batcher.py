@@ -4,6 +4,7 @@ Throughput is measured in ``benchmarks/bench_serve.py``, not here: these tests c
 """
 
 import asyncio
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,16 +13,10 @@ import numpy as np
 import pytest
 
 import fine_infer
-from fine_infer.errors import ConfigError, InputError
-from fine_infer.runtime.batcher import (
-    DynamicBatcher,
-    bench_batch_sizes,
-    cpu_cores,
-    example_feeds,
-    pick_batch_size,
-    pick_plan,
-    repeat_rows,
-)
+from fine_infer.errors import BundleError, ConfigError, InputError
+from fine_infer.batching import BatchSettings, DynamicBatcher, bench_batch_sizes, pick_batch_size, pick_plan
+from fine_infer._cpu import cpu_cores
+from fine_infer.runtime.feeds import example_feeds, repeat_rows
 from fine_infer.specs import GraphSpec, TensorSpec
 
 WORDS = "red blue black dress shirt bag with stripes dots long short sleeve collar".split()
@@ -87,7 +82,7 @@ def test_32_threads_get_their_own_rows_equal_to_direct_calls(session):
     reqs = _requests(session, 96)
     direct = [session.run("compose", r)["embedding"] for r in reqs]
     seen = []
-    with DynamicBatcher(session, max_batch_size=16, max_delay_ms=5,
+    with DynamicBatcher(session, BatchSettings(max_batch_size=16, max_delay_ms=5),
                         on_batch=lambda g, rows, n, s: seen.append((rows, n))) as b:
         with ThreadPoolExecutor(32) as ex:
             outs = list(ex.map(lambda r: b.run("compose", r, timeout=DEADLINE_S)["embedding"], reqs))
@@ -117,7 +112,7 @@ class _Spans(_Proxy):
 def test_one_batch_in_the_model_at_a_time_from_one_worker(session):
     reqs = _requests(session, 64, seed=5)
     proxy = _Spans(session, delay_s=0.003)
-    with DynamicBatcher(proxy, max_batch_size=8, max_delay_ms=2) as b:
+    with DynamicBatcher(proxy, BatchSettings(max_batch_size=8, max_delay_ms=2)) as b:
         with ThreadPoolExecutor(32) as ex:
             outs = list(ex.map(lambda r: b.run("compose", r, timeout=DEADLINE_S), reqs))
     for o, r in zip(outs, reqs):
@@ -129,7 +124,7 @@ def test_one_batch_in_the_model_at_a_time_from_one_worker(session):
 
 def test_outputs_are_each_callers_own_rows(session):
     reqs = _requests(session, 24, seed=6)
-    with DynamicBatcher(session, max_batch_size=32, max_delay_ms=20, adaptive_delay=False) as b:
+    with DynamicBatcher(session, BatchSettings(max_batch_size=32, max_delay_ms=20, adaptive_delay=False)) as b:
         futs = [b.submit("compose", r) for r in reqs]
         outs = [f.result(DEADLINE_S)["embedding"] for f in futs]
     want = [o.copy() for o in outs]
@@ -144,7 +139,7 @@ def test_outputs_are_each_callers_own_rows(session):
 def test_a_timed_out_caller_and_a_cancelled_async_request_are_skipped(session):
     reqs = _requests(session, 4, seed=7)
     proxy = _Proxy(session, delay_s=0.3)
-    with DynamicBatcher(proxy, max_batch_size=2, max_delay_ms=0) as b:
+    with DynamicBatcher(proxy, BatchSettings(max_batch_size=2, max_delay_ms=0)) as b:
         first = b.submit("compose", reqs[0])  # in the model for 0.3 s
         time.sleep(0.05)
         second = b.submit("compose", reqs[1])  # queued behind it
@@ -172,7 +167,7 @@ def test_sequences_are_padded_with_pad_id_and_mask_zero(session):
     ids_b, mask_b = session.tokenize(["a long blue shirt with short sleeves and a collar"])
     assert ids_a.shape[1] < ids_b.shape[1]
     px = np.zeros((1, 3, 64, 64), np.float32)
-    with DynamicBatcher(proxy, max_batch_size=8, max_delay_ms=200, adaptive_delay=False) as b:
+    with DynamicBatcher(proxy, BatchSettings(max_batch_size=8, max_delay_ms=200, adaptive_delay=False)) as b:
         fa = b.submit("compose", {"pixels": px, "input_ids": ids_a, "attention_mask": mask_a})
         fb = b.submit("compose", {"pixels": px, "input_ids": ids_b, "attention_mask": mask_b})
         ea, eb = fa.result(DEADLINE_S)["embedding"], fb.result(DEADLINE_S)["embedding"]
@@ -195,7 +190,7 @@ def test_a_bad_request_fails_alone(session):
     bad["pixels"] = bad["pixels"].copy()
     bad["pixels"][0, 0, 0, 0] = np.nan
     wrong = {"pixels": reqs[6]["pixels"]}  # missing inputs
-    with DynamicBatcher(session, max_batch_size=8, max_delay_ms=20, adaptive_delay=False) as b:
+    with DynamicBatcher(session, BatchSettings(max_batch_size=8, max_delay_ms=20, adaptive_delay=False)) as b:
         futs = [b.submit("compose", r) for r in reqs[:5]] + [b.submit("compose", bad), b.submit("compose", wrong)]
         futs += [b.submit("compose", r) for r in reqs[7:]]
         with pytest.raises(InputError, match="NaN"):
@@ -214,7 +209,7 @@ def test_a_failing_batch_is_rerun_one_by_one(session):
     reqs[3]["pixels"] = reqs[3]["pixels"].copy()
     reqs[3]["pixels"][0, 0, 0, 0] = marker  # a request the backend chokes on (finite, so it passes the checks)
     proxy = _Proxy(session, poison=lambda f: bool((f["pixels"][:, 0, 0, 0] == marker).any()), delay_s=0.002)
-    with DynamicBatcher(proxy, max_batch_size=32, max_delay_ms=50, adaptive_delay=False) as b:
+    with DynamicBatcher(proxy, BatchSettings(max_batch_size=32, max_delay_ms=50, adaptive_delay=False)) as b:
         futs = [b.submit("compose", r) for r in reqs]
         for i, (f, r) in enumerate(zip(futs, reqs)):
             if i == 3:
@@ -228,7 +223,7 @@ def test_a_failing_batch_is_rerun_one_by_one(session):
 
 def test_a_lone_caller_does_not_wait_for_company(session):
     r = _requests(session, 1)[0]
-    with DynamicBatcher(session, max_batch_size=32, max_delay_ms=2000) as b:
+    with DynamicBatcher(session, BatchSettings(max_batch_size=32, max_delay_ms=2000)) as b:
         b.run("compose", r, timeout=DEADLINE_S)  # starts the worker
         t0 = time.perf_counter()
         for _ in range(3):
@@ -239,7 +234,7 @@ def test_a_lone_caller_does_not_wait_for_company(session):
 def test_max_batch_size_one_runs_inline_like_a_direct_call(session):
     proxy = _Proxy(session)
     r = _requests(session, 1)[0]
-    with DynamicBatcher(proxy, max_batch_size=1) as b:
+    with DynamicBatcher(proxy, BatchSettings(max_batch_size=1)) as b:
         out = b.submit("compose", r).result(0)  # already done: it ran in this thread
     assert proxy.calls[0][0] == threading.get_ident()
     np.testing.assert_array_equal(out["embedding"], session.run("compose", r)["embedding"])
@@ -251,7 +246,7 @@ def test_async_wrapper(session):
     async def main(b):
         return await asyncio.wait_for(asyncio.gather(*(b.run_async("compose", r) for r in reqs)), DEADLINE_S)
 
-    with DynamicBatcher(session, max_batch_size=8, max_delay_ms=5) as b:
+    with DynamicBatcher(session, BatchSettings(max_batch_size=8, max_delay_ms=5)) as b:
         outs = asyncio.run(main(b))
     for o, r in zip(outs, reqs):
         np.testing.assert_allclose(o["embedding"], session.run("compose", r)["embedding"], atol=1e-5)
@@ -272,7 +267,7 @@ def test_texts_are_tokenized_in_the_worker_and_a_bad_one_fails_alone(session):
         return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), DEADLINE_S)
 
     seen = []
-    with DynamicBatcher(session, max_batch_size=32, max_delay_ms=20,
+    with DynamicBatcher(session, BatchSettings(max_batch_size=32, max_delay_ms=20),
                         on_batch=lambda g, rows, n, s: seen.append(n)) as b:
         outs = asyncio.run(main(b))
     for i, (p, t, o) in enumerate(zip(pixels, texts, outs)):
@@ -291,7 +286,7 @@ def test_texts_are_tokenized_in_the_worker_and_a_bad_one_fails_alone(session):
 
 def test_close_drains_then_refuses(session):
     reqs = _requests(session, 6, seed=4)
-    b = DynamicBatcher(session, max_batch_size=32, max_delay_ms=300, adaptive_delay=False)
+    b = DynamicBatcher(session, BatchSettings(max_batch_size=32, max_delay_ms=300, adaptive_delay=False))
     futs = [b.submit("compose", r) for r in reqs]
     b.close(drain=True)
     assert all(f.done() and f.exception() is None for f in futs)
@@ -320,7 +315,7 @@ def test_lanes_run_batches_side_by_side_with_answers_equal_to_direct_calls(sessi
         end = time.perf_counter()
         spans.append((end - seconds, end, threading.get_ident()))
 
-    with DynamicBatcher(session, max_batch_size=8, max_delay_ms=5, lanes=2, on_batch=seen) as b:
+    with DynamicBatcher(session, BatchSettings(max_batch_size=8, max_delay_ms=5, lanes=2), on_batch=seen) as b:
         with ThreadPoolExecutor(32) as ex:
             outs = list(ex.map(lambda r: b.run("compose", r, timeout=DEADLINE_S)["embedding"], reqs))
         assert b.lanes("compose") == 2 and len(b._queues["compose"].threads) == 2
@@ -344,13 +339,13 @@ def test_pick_plan_prefers_lanes_only_when_they_are_cheaper():
 
 def test_lanes_need_onnxruntime_and_a_positive_count(session):
     with pytest.raises(ConfigError, match="lanes must be a positive integer"):
-        DynamicBatcher(session, lanes=0)
+        DynamicBatcher(session, BatchSettings(lanes=0))
     torch_session = fine_infer.load(session.bundle.path, backend="torch")
     with pytest.raises(ConfigError, match="lanes > 1 need the onnxruntime backend"):
-        DynamicBatcher(torch_session, lanes=2)
+        DynamicBatcher(torch_session, BatchSettings(lanes=2))
     with pytest.raises(ConfigError, match="own thread count needs backend 'onnxruntime'"):
         torch_session.runner("compose", threads=1)
-    DynamicBatcher(torch_session, lanes=1).close()  # one lane is the session's own runner: any backend
+    DynamicBatcher(torch_session, BatchSettings(lanes=1)).close()  # one lane is the session's own runner: any backend
 
 
 def test_lanes_stay_within_the_sessions_thread_cap(session):
@@ -358,7 +353,8 @@ def test_lanes_stay_within_the_sessions_thread_cap(session):
     with DynamicBatcher(capped) as b:
         cal = b.calibrate("gallery", budget_s=1.0)
     assert cal.lanes == 1 and not cal.lane_per_item_ms  # one thread in all: nothing to share between lanes
-    with DynamicBatcher(fine_infer.load(session.bundle.path, backend="onnxruntime", threads=2), lanes=2) as b:
+    two_threads = fine_infer.load(session.bundle.path, backend="onnxruntime", threads=2)
+    with DynamicBatcher(two_threads, BatchSettings(lanes=2)) as b:
         assert b._lane_threads("gallery") == 1  # two lanes of one thread each, whatever the machine's cores
 
 
@@ -402,10 +398,29 @@ def test_pick_batch_size_and_bench_results():
 
 
 def test_bad_settings_are_config_errors(session):
-    with pytest.raises(ConfigError, match="max_batch_size"):
-        DynamicBatcher(session, max_batch_size=0)
+    for bad in ({"max_batch_size": 0}, {"max_batch_size": {"compose": 0}}, {"max_batch_size": True}):
+        with pytest.raises(ConfigError, match="max_batch_size must be a positive integer"):
+            BatchSettings(**bad)
     with pytest.raises(ConfigError, match="max_delay_ms"):
-        DynamicBatcher(session, max_delay_ms=-1)
+        BatchSettings(max_delay_ms=-1)
+    with pytest.raises(ConfigError, match="lanes must be a positive integer"):
+        BatchSettings(lanes=True)
+    with pytest.raises(ConfigError, match="search_max_queries"):
+        BatchSettings(search_max_queries=0)
+    with pytest.raises(BundleError, match="compose"):  # an unknown graph names the bundle's graphs
+        DynamicBatcher(session, BatchSettings(max_batch_size={"nope": 4}))
+    settings = BatchSettings(max_batch_size={"compose": 4})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.max_delay_ms = 3.0
+    with pytest.raises(TypeError):
+        settings.max_batch_size["compose"] = 8  # a read-only copy: the batcher and the server share it
+    assert BatchSettings(max_batch_size=1).search_batch_limit == 1 and BatchSettings().search_batch_limit == 64
+
+
+def test_fixed_sizes_per_graph_are_recorded_with_their_source(session):
+    with DynamicBatcher(session, BatchSettings(max_batch_size={"compose": 4}, size_source="bench:r.json")) as b:
+        assert b.max_batch_size("compose") == 4 and b.max_batch_size("gallery") is None  # the other is calibrated
+        assert b.calibrations["compose"].to_dict()["source"] == "bench:r.json"
 
 
 def test_example_feeds_and_repeat_rows():
