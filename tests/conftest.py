@@ -1,11 +1,48 @@
-"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit function is defined."""
+"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit function is defined.
+
+Seeds: a run draws one run seed from ``os.urandom``, or takes ``FINE_INFER_TEST_SEED`` when set, and shows it in the
+report header. Every test, and every session-, package-, module- or class-scoped fixture, gets a seed derived from
+the run seed and its node id; it seeds torch's global RNG (when a test module imported torch), numpy's legacy global
+RNG and Python's ``random`` just before that fixture is set up and before the test runs. The ``rng`` fixture is a
+numpy Generator of the test's seed (``module_rng`` one of the module's, for module-scoped fixtures). A test prints
+its seed and the run seed (pytest shows the output of a failing test); ``FINE_INFER_TEST_SEED=<run seed> pytest
+<test id>`` replays the test with the same draws, the random weights of its module fixtures included, whichever other
+tests run with it.
+"""
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+SEED_ENV = "FINE_INFER_TEST_SEED"
+_RUN_SEED = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    value = os.environ.get(SEED_ENV)
+    if value is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    else:
+        try:
+            seed = int(value)
+        except ValueError:
+            raise pytest.UsageError(f"{SEED_ENV}={value!r} is not an integer") from None
+        if not 0 <= seed < 2**32:
+            raise pytest.UsageError(f"{SEED_ENV}={seed} is outside 0..2**32-1")
+    config.stash[_RUN_SEED] = seed
+
+
+def pytest_report_header(config):
+    seed = config.stash[_RUN_SEED]
+    return f"seed {seed} ({SEED_ENV}={seed} replays this run's random draws)"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,3 +59,50 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _derived_seed(config, key: str) -> int:
+    """The seed of one test or fixture: a hash of the run seed and ``key`` (its node id), in 0..2**32-1."""
+    digest = hashlib.sha256(f"{config.stash[_RUN_SEED]}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _seed_global_rngs(seed: int) -> None:
+    """Seed the process-wide RNGs; torch's only if it is imported already (this never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Before a fixture wider than a test is set up, seed for it: its draws (random weights of a zoo model built
+    once per module, say) then depend on the run seed only, not on which tests ran before it."""
+    if fixturedef.scope != "function":
+        key = f"{request.node.nodeid}::{fixturedef.argname}[{request.param_index}]"
+        _seed_global_rngs(_derived_seed(request.config, key))
+    return (yield)
+
+
+@pytest.fixture(autouse=True)
+def _test_seed(request) -> int:
+    """The test's seed, printed; the global RNGs are seeded with it after the wider fixtures are set up."""
+    seed = _derived_seed(request.config, request.node.nodeid)
+    run = request.config.stash[_RUN_SEED]
+    print(f"seed {seed} (derived from run seed {run} and the test id; {SEED_ENV}={run} replays it)")
+    _seed_global_rngs(seed)
+    return seed
+
+
+@pytest.fixture
+def rng(_test_seed) -> np.random.Generator:
+    """A numpy Generator of the test's printed seed."""
+    return np.random.default_rng(_test_seed)
+
+
+@pytest.fixture(scope="module")
+def module_rng(request) -> np.random.Generator:
+    """A numpy Generator for module-scoped fixtures, of a seed derived from the run seed and the module."""
+    return np.random.default_rng(_derived_seed(request.config, f"{request.node.nodeid}::module_rng"))

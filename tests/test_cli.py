@@ -25,11 +25,10 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def image_folder(tmp_path_factory, module_rng):
     folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng()
     for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        Image.fromarray(module_rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     return folder
 
 

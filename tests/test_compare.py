@@ -10,16 +10,14 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_identical_passes_with_zero_error():
-    rng = np.random.default_rng()
+def test_identical_passes_with_zero_error(rng):
     a = _unit(rng, 8, 32)
     c = compare(a, a.copy())
     assert c.passed and c.max_abs == 0 and c.topk_agreement == 1.0
     assert abs(c.mean_cosine - 1) < 1e-12
 
 
-def test_small_noise_measured_and_judged_against_atol():
-    rng = np.random.default_rng()
+def test_small_noise_measured_and_judged_against_atol(rng):
     a = _unit(rng, 8, 32)
     noise = rng.standard_normal(a.shape) * 1e-3
     c = compare(a, a + noise, Tolerance(atol=1e-4))
@@ -29,8 +27,7 @@ def test_small_noise_measured_and_judged_against_atol():
     assert compare(a, a + noise, Tolerance(atol=1e-2)).passed
 
 
-def test_topk_agreement_drops_for_unrelated_vectors():
-    rng = np.random.default_rng()
+def test_topk_agreement_drops_for_unrelated_vectors(rng):
     a, b = _unit(rng, 16, 64), _unit(rng, 16, 64)
     assert topk_agreement(a, a, k=10) == 1.0
     assert topk_agreement(a, b, k=10) < 0.5
@@ -46,8 +43,7 @@ def test_nan_and_shape_mismatch_fail():
     assert "shape mismatch" in compare(a, np.ones((2, 4))).reason
 
 
-def test_logits_use_argmax_agreement():
-    rng = np.random.default_rng()
+def test_logits_use_argmax_agreement(rng):
     a = rng.standard_normal((10, 5))
     c = compare(a, a * 2, Tolerance(atol=None, min_topk=1.0), kind="logits")
     assert c.passed and c.k == 1

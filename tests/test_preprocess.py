@@ -19,8 +19,7 @@ def _png_bytes(arr):
     return buf.getvalue()
 
 
-def test_every_input_form_gives_the_same_tensor(tmp_path):
-    rng = np.random.default_rng()
+def test_every_input_form_gives_the_same_tensor(tmp_path, rng):
     arr = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
     path = tmp_path / "x.png"
     path.write_bytes(_png_bytes(arr))
@@ -31,8 +30,7 @@ def test_every_input_form_gives_the_same_tensor(tmp_path):
     assert outs[0].shape == (1, 3, 20, 20) and outs[0].dtype == np.float32
 
 
-def test_shorter_side_resize_crop_and_normalise_match_a_manual_computation():
-    rng = np.random.default_rng()
+def test_shorter_side_resize_crop_and_normalise_match_a_manual_computation(rng):
     arr = rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)
     spec = ImagePreprocess(size=32, crop=32, resize="shorter", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
     got = preprocess_images([arr], spec)[0]
@@ -43,8 +41,7 @@ def test_shorter_side_resize_crop_and_normalise_match_a_manual_computation():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_exact_resize_ignores_aspect_and_grey_or_rgba_become_rgb():
-    rng = np.random.default_rng()
+def test_exact_resize_ignores_aspect_and_grey_or_rgba_become_rgb(rng):
     spec = ImagePreprocess(size=16, crop=16, resize="exact")
     grey = rng.integers(0, 256, (10, 40), dtype=np.uint8)
     rgba = rng.integers(0, 256, (10, 40, 4), dtype=np.uint8)
@@ -56,8 +53,7 @@ def test_exact_resize_ignores_aspect_and_grey_or_rgba_become_rgb():
     np.testing.assert_allclose(raw0, raw1, atol=1e-6)
 
 
-def test_corrupt_and_truncated_images_are_clear_errors(tmp_path):
-    rng = np.random.default_rng()
+def test_corrupt_and_truncated_images_are_clear_errors(tmp_path, rng):
     good = _png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     with pytest.raises(InputError, match="image 0 is not a readable image"):
         load_image(b"this is not an image")

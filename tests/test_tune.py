@@ -130,7 +130,7 @@ def test_tune_stores_the_fastest_gated_path_and_auto_runs_it(gated):
     assert read_tune(b)["choice"] == result["choice"]
     s = fine_infer.load(bundle)
     assert s.label == result["choice"] and s.choice.reason == result["reason"]
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))  # of the test's printed seed: conftest seeds np.random
     images = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(2)]
     ref = fine_infer.load(bundle, backend="onnxruntime").embed_images(images)
     assert (s.embed_images(images) * ref).sum(1).min() > 0.99  # whatever it picked passed a cosine gate

@@ -1,13 +1,14 @@
 """Helpers for the deployment tests (imported by conftest.py and the tests; a unique module name, not conftest).
 
-Every registered arch is exercised (``fine_infer.models.list_archs()``, which must hold the five of SPEC.md §1).
+Every registered arch is exercised (``fine_infer.models.list_archs()``, which must hold the five archs of the model
+zoo, ``ZOO_ARCHS``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SPEC_ARCHS = ["attributes", "fashion-fine", "maaf", "raf", "triplet"]  # the five archs of SPEC.md §1
+ZOO_ARCHS = ["attributes", "fashion-fine", "maaf", "raf", "triplet"]  # the five archs of the model zoo
 VARIANTS = ("fp16", "int8", "cpu-opt")
 
 
@@ -23,7 +24,7 @@ def arch_params() -> list[str]:
     from fine_infer.models import list_archs
 
     archs = list_archs()
-    assert set(SPEC_ARCHS) <= set(archs), f"the registry lacks archs of the spec: {set(SPEC_ARCHS) - set(archs)}"
+    assert set(ZOO_ARCHS) <= set(archs), f"the registry lacks archs of the model zoo: {set(ZOO_ARCHS) - set(archs)}"
     return archs
 
 

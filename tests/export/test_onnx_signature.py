@@ -9,7 +9,7 @@ from fine_infer.export._onnx import normalise_signature
 from fine_infer.specs import GraphSpec, TensorSpec
 
 
-def test_intermediate_named_like_the_output_is_renamed(tmp_path):
+def test_intermediate_named_like_the_output_is_renamed(tmp_path, rng):
     # x -> Relu -> "embedding" (intermediate) -> Neg -> "embedding" (output): two writers of one name.
     g = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["embedding"]), helper.make_node("Neg", ["embedding"], ["embedding"])],
@@ -25,6 +25,6 @@ def test_intermediate_named_like_the_output_is_renamed(tmp_path):
     onnx.checker.check_model(str(path), full_check=True)
     m = onnx.load(path)
     assert [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3]
-    x = np.random.default_rng().standard_normal((5, 3)).astype(np.float32)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
     (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(y, -np.maximum(x, 0))

@@ -44,14 +44,13 @@ def test_cli_module_export_passes_gates_and_reports_parity(user_bundle):
     assert manifest["source"] == "user_encoder:factory"
 
 
-def test_runtime_runs_the_user_bundle_at_new_lengths_like_pytorch(user_bundle):
+def test_runtime_runs_the_user_bundle_at_new_lengths_like_pytorch(user_bundle, rng):
     out, _ = user_bundle
     sys.path.insert(0, str(FIXTURES))
     from user_encoder import factory
 
     model, _ = factory()
     session = fine_infer.load(out)
-    rng = np.random.default_rng()
     for batch, length in ((1, 3), (5, 29)):
         ids = rng.integers(1, 100, (batch, length))
         mask = np.ones((batch, length), dtype=np.int64)

@@ -14,7 +14,7 @@ from fine_infer.models import create, list_archs
 ARCHS = ["attributes", "fashion-fine", "maaf", "raf", "triplet"]
 
 
-def test_registry_holds_the_five_archs_of_the_spec():
+def test_registry_holds_the_five_zoo_archs():
     assert list_archs() == ARCHS
 
 
@@ -39,12 +39,11 @@ def test_tiny_export_passes_every_gate_with_figures(tiny_bundles, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bundle_runs_on_onnxruntime_and_torch_alike(tiny_bundles, arch):
+def test_bundle_runs_on_onnxruntime_and_torch_alike(tiny_bundles, arch, rng):
     out, _ = tiny_bundles[arch]
     ort = fine_infer.load(out)
     pt = fine_infer.load(out, backend="torch")
     model = create(arch, "tiny")
-    rng = np.random.default_rng()
     for name, entry in ort.manifest.graphs.items():
         feeds = {k: v.numpy() for k, v in model.example_inputs(name, 4).items()}
         if "pixels" in feeds:
@@ -58,8 +57,7 @@ def test_bundle_runs_on_onnxruntime_and_torch_alike(tiny_bundles, arch):
     assert set(pt.providers.values()) == {"torch-cpu"}
 
 
-def test_end_to_end_tasks_from_raw_inputs(tiny_bundles):
-    rng = np.random.default_rng()
+def test_end_to_end_tasks_from_raw_inputs(tiny_bundles, rng):
     images = [rng.integers(0, 256, (70, 50, 3), dtype=np.uint8) for _ in range(3)]
     ff = fine_infer.load(tiny_bundles["fashion-fine"][0])
     assert ff.embed_images(images).shape == (3, ff.manifest.embed_dim)

@@ -8,36 +8,16 @@ rtol 1e-5 (fp32) / 2e-3 (fp16); a row without a kept token must be exactly 0.
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 import torch
 
 from fine_infer import kernels
 from fine_infer.kernels import _dispatch, reference
+from kernel_helpers import RTOL, assert_close
 
 pytest.importorskip("triton")
 
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed_and_poison():
-    """A new seed per test (printed, so a failure can be replayed) and poisoned allocations."""
-    seed = secrets.randbits(31)
-    torch.manual_seed(seed)
-    print(f"seed={seed}")
-    with _dispatch.poison_allocations(), kernels.use_backend("triton"), torch.no_grad():
-        yield
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
-    assert torch.isfinite(out).all(), "non-finite output: an element was never written (NaN poison) or overflowed"
-    ref = ref.double()
-    scale = ref.abs().max().item()
-    err = (out.double() - ref).abs()
-    worst = (err / (ref.abs() + scale).clamp(min=1e-300)).max().item()
-    assert (err <= rtol * (ref.abs() + scale)).all(), f"relative error {worst:.3g} > {rtol}"
+pytestmark = pytest.mark.usefixtures("poisoned_triton")
 
 
 def _weights(H: int, dtype: torch.dtype):

@@ -39,11 +39,10 @@ def _feeds(session, graph: str, batch: int, rng: np.random.Generator) -> dict[st
     return feeds
 
 
-def test_torch_backend_with_kernels_matches_onnxruntime(bundle):
+def test_torch_backend_with_kernels_matches_onnxruntime(bundle, rng):
     arch, path = bundle
     ort = fine_infer.load(path, backend="onnxruntime")
     fused = fine_infer.load(path, backend="torch", kernels=True)
-    rng = np.random.default_rng()
     op = KERNEL_OF[arch]
     for graph in ort.manifest.graphs:
         feeds = _feeds(ort, graph, 3, rng)

@@ -8,26 +8,16 @@ workspaces are poisoned (a poisoned key decodes to NaN) and the ``out=`` buffers
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 import torch
 
 from fine_infer import kernels
 from fine_infer.kernels import _dispatch, reference
+from kernel_helpers import RTOL
 
 pytest.importorskip("triton")
 
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed_and_poison():
-    seed = secrets.randbits(31)
-    torch.manual_seed(seed)
-    print(f"seed={seed}")
-    with _dispatch.poison_allocations(), kernels.use_backend("triton"), torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("poisoned_triton")
 
 
 def check_topk(queries, gallery, k, scores, idx, rtol):

@@ -2,7 +2,6 @@
 ONNX Runtime), bf16 within its gate, hints and threads, concurrent callers, clear errors, and no torch on its path."""
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import torch
 
 import fine_infer
 from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError, InputError
+from fine_infer.models import list_archs
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'fine-infer[openvino]'")
 
@@ -22,7 +22,8 @@ from fine_infer.runtime.openvino_runner import (  # noqa: E402
     precision_unsupported,
 )
 
-ARCHS = ["attributes", "fashion-fine", "maaf", "raf", "triplet"]  # the five archs of SPEC.md §1
+ZOO_ARCHS = ["attributes", "fashion-fine", "maaf", "raf", "triplet"]  # the five archs of the model zoo
+ARCHS = list_archs()  # every registered arch: the zoo's five, and any added later
 ATOL = 1e-4
 
 
@@ -43,9 +44,9 @@ def tiny(tmp_path_factory):
 
 
 def _inputs(model, graph: str, batch: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
-    """Fresh random inputs (new seed each call), pixels as standard normals."""
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    return {k: v.numpy() for k, v in model.example_inputs(graph, batch, seq_len, gen).items()}
+    """Fresh random inputs, pixels as standard normals, drawn from torch's global RNG (each call draws new ones;
+    tests/conftest.py seeds it per test with the printed seed)."""
+    return {k: v.numpy() for k, v in model.example_inputs(graph, batch, seq_len).items()}
 
 
 def _torch(model, spec, feeds):
@@ -53,6 +54,10 @@ def _torch(model, spec, feeds):
         out = model.graph_module(spec.name)(*[torch.from_numpy(feeds[t.name]) for t in spec.inputs])
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return {t.name: o.float().numpy() for t, o in zip(spec.outputs, outs)}
+
+
+def test_the_five_zoo_archs_are_registered():
+    assert set(ZOO_ARCHS) <= set(ARCHS), f"not registered: {sorted(set(ZOO_ARCHS) - set(ARCHS))}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -147,7 +152,7 @@ def test_bad_options_and_feeds_are_clear_errors(tiny):
     out, model = tiny["fashion-fine"]
     with pytest.raises(ConfigError, match="int8 and cpu-opt are ONNX Runtime graphs"):
         fine_infer.load(out, backend="openvino", variant="int8")
-    for backend in ("onnxruntime", "auto"):  # auto with a variant is ONNX Runtime, as before
+    for backend in ("onnxruntime", "auto"):  # auto with a variant runs ONNX Runtime, which has no bf16 variant
         with pytest.raises(BundleError, match="no variant 'bf16'.*load with backend='openvino'"):
             fine_infer.load(out, backend=backend, variant="bf16")
     with pytest.raises(ConfigError, match="OpenVINO performance hint"):

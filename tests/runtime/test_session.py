@@ -24,13 +24,12 @@ def session(tmp_path_factory):
     return fine_infer.load(out)
 
 
-def _feeds(batch=2, length=5):
-    rng = np.random.default_rng()
+def _feeds(rng, batch=2, length=5):
     return {"ids": rng.integers(1, 100, (batch, length)), "mask": np.ones((batch, length), dtype=np.int64)}
 
 
-def test_valid_feeds_run_and_int32_ids_are_widened(session):
-    f = _feeds()
+def test_valid_feeds_run_and_int32_ids_are_widened(session, rng):
+    f = _feeds(rng)
     out = session.run("model", f)["output"]
     f32 = {k: v.astype(np.int32) for k, v in f.items()}
     np.testing.assert_array_equal(session.run("model", f32)["output"], out)
@@ -48,19 +47,19 @@ def test_valid_feeds_run_and_int32_ids_are_widened(session):
         (lambda f: f.update(ids=f["ids"][:0]), "empty dim 0"),
     ],
 )
-def test_bad_feeds_are_named_input_errors(session, mutate, needle):
-    f = _feeds()
+def test_bad_feeds_are_named_input_errors(session, mutate, needle, rng):
+    f = _feeds(rng)
     mutate(f)
     with pytest.raises(InputError, match=needle):
         session.run("model", f)
 
 
-def test_nan_float_input_is_refused():
+def test_nan_float_input_is_refused(rng):
     from fine_infer.runtime.base import check_feeds
     from fine_infer.specs import GraphSpec, TensorSpec
 
     spec = GraphSpec("g", "embed_image", (TensorSpec("pixels", "float32", ("batch", 3)),), ())
-    x = np.random.default_rng().standard_normal((2, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
     x[1, 2] = np.nan
     with pytest.raises(InputError, match="NaN"):
         check_feeds(spec, {"pixels": x})
@@ -68,17 +67,17 @@ def test_nan_float_input_is_refused():
         check_feeds(spec, {"pixels": np.ones((2, 4), np.float32)})
 
 
-def test_task_routing_and_unknown_backend(session):
+def test_task_routing_and_unknown_backend(session, rng):
     with pytest.raises(ConfigError, match="takes no images"):
         session.embed_images([np.zeros((4, 4, 3), np.uint8)])
     with pytest.raises(ConfigError, match="takes no text"):
         session.embed_texts(["a dress"])
     with pytest.raises(BundleError, match="no graph 'image'"):
-        session.run("image", _feeds())
+        session.run("image", _feeds(rng))
     with pytest.raises(ConfigError, match="unknown backend"):
         fine_infer.load(session.bundle.path, backend="tpu")
     from fine_infer.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="user module"):
-        fine_infer.load(session.bundle.path, backend="torch").run("model", _feeds())
+        fine_infer.load(session.bundle.path, backend="torch").run("model", _feeds(rng))
     assert session.providers["model"] == "CPUExecutionProvider"
