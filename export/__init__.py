@@ -5,7 +5,11 @@
 - :func:`export_module`: any ``nn.Module`` with named example inputs.
 
 Every graph passes the ``onnx.checker`` full check and ONNX Runtime vs PyTorch parity on fresh random inputs at
-batch sizes 1, 3 and 8 before the bundle is written; a failed gate raises :class:`GateFailure`.
+batch sizes 1, 3 and 8 before the bundle is written; a failed gate raises :class:`GateFailure`. Checks that need the
+finished bundle (the catalogue recall gate, :class:`fine_infer.tools.recall.RecallCheck`) are passed in as
+``checks``. Public modules: :mod:`~fine_infer.export.gates` (the gates' shared core), :mod:`~fine_infer.export.report`,
+:mod:`~fine_infer.export.lint` (TensorRT operator lint), :mod:`~fine_infer.export.engines` (TensorRT engine builds),
+:mod:`~fine_infer.export.triton_repo` (a Triton Inference Server model repository).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fine_infer.export._bundle_export import ExportReport, GateFailure, export_model, export_module
+from fine_infer.export._bundle_export import export_model, export_module
 from fine_infer.export._onnx import DEFAULT_OPSET, EXPORTERS, check_onnx, export_graph
 from fine_infer.export._user_module import load_factory, parse_dynamic_axes
+from fine_infer.export.report import ExportReport, GateFailure, SealedCheck
 
 
 def export_arch(
@@ -26,20 +31,14 @@ def export_arch(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     overrides: dict[str, Any] | None = None,
-    recall_gate: bool | None = None,
     **kwargs: Any,
 ) -> ExportReport:
-    """Build ``arch`` at ``preset`` (with ``checkpoint`` weights) and export it; kwargs go to :func:`export_model`.
-
-    ``recall_gate`` defaults to on for ``pretrained`` weights (trained on the catalogue the gate evaluates on) when
-    every graph is exported, and off otherwise: with random weights every recall is near chance, and a subset of the
-    graphs (``graphs=["image"]``) cannot run the retrieval protocol."""
+    """Build ``arch`` at ``preset`` (with ``checkpoint`` or the shipped ``pretrained`` weights) and export it; kwargs
+    go to :func:`export_model` (``checks=[RecallCheck()]`` adds the catalogue recall gate)."""
     from fine_infer.models import create
 
     model = create(arch, preset, checkpoint=checkpoint, pretrained=pretrained, **(overrides or {}))
-    partial = set(kwargs.get("graphs") or model.graphs()) != set(model.graphs())
-    gate = (pretrained and not partial) if recall_gate is None else recall_gate
-    return export_model(model, out, preset=preset, recall_gate=gate, **kwargs)
+    return export_model(model, out, preset=preset, **kwargs)
 
 
 __all__ = [
@@ -47,6 +46,7 @@ __all__ = [
     "EXPORTERS",
     "ExportReport",
     "GateFailure",
+    "SealedCheck",
     "check_onnx",
     "export_arch",
     "export_graph",

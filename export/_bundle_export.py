@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,68 +11,19 @@ import torch
 
 from fine_infer.bundle import BundleWriter, GraphEntry, Manifest, tool_versions
 from fine_infer.compare import Tolerance
-from fine_infer.errors import ConfigError, ExportError
-from fine_infer.specs import GraphSpec, TensorSpec
+from fine_infer.errors import ConfigError
 from fine_infer.export._onnx import check_onnx, export_graph
-from fine_infer.export._parity import DEFAULT_BATCHES, InputSampler, ParityResult, check_parity, summarize
-
-
-@dataclass
-class ExportReport:
-    """What an export did and measured; ``passed`` is False when a gate failed (then no bundle was written)."""
-
-    out: str
-    passed: bool = True
-    reason: str = ""
-    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: float = 0.0
-    recall: dict[str, Any] | None = None  # the recall gate's measurement, when it ran
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"out": self.out, "passed": self.passed, "reason": self.reason, "seconds": round(self.seconds, 2),
-                "graphs": self.graphs, **({"recall": self.recall} if self.recall else {})}
-
-    def summary_lines(self) -> list[str]:
-        """One human-readable line per graph."""
-        lines = []
-        for name, g in self.graphs.items():
-            p = g.get("parity_summary", {})
-            lines.append(
-                f"{name:<11} {g.get('file', ''):<18} checker {g.get('checker', '-'):<6} parity "
-                + (f"max_abs {p['max_abs']:.2e} max_rel {p['max_rel']:.2e} cos {p['min_cosine']:.7f} "
-                   f"top-10 {p['topk_agreement']:.3f}" if p else "-")
-            )
-            for variant, row in g.get("variants", {}).items():
-                v = row.get("summary") or {}
-                lines.append(f"  {variant:<9} {row.get('file', ''):<18} gate "
-                             + (f"min cos {v['min_cosine']:.6f} top-10 {v['topk_agreement']:.3f}" if v else "skipped"))
-            for variant, text in g.get("lint", {}).items():
-                lines.append(f"  lint {variant:<5} {text}")
-        if self.recall:
-            r = self.recall
-            lines.append(f"recall gate {r['metric']}: PyTorch {r['pytorch']:.2f}, "
-                         + ", ".join(f"{v} {x:.2f}" for v, x in r["variants"].items())
-                         + f" (within {r['tolerance_points']} points: {'pass' if r['passed'] else 'FAIL'})")
-        return lines
-
-
-class GateFailure(ExportError):
-    """A gate failed; ``report`` holds everything measured up to that point."""
-
-    def __init__(self, message: str, report: ExportReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass(frozen=True)
-class GraphJob:
-    """One graph to export: the module whose forward takes the spec's inputs, and how to sample inputs for it."""
-
-    spec: GraphSpec
-    module: torch.nn.Module
-    sampler: InputSampler
-    max_seq_len: int | None = None
-    output_kinds: dict[str, str] = field(default_factory=dict)
+from fine_infer.export.gates import (
+    DEFAULT_BATCHES,
+    GraphJob,
+    InputSampler,
+    ParityResult,
+    check_parity,
+    default_tolerance,
+    summarize,
+)
+from fine_infer.export.report import ExportReport, GateFailure, SealedCheck
+from fine_infer.specs import GraphSpec, TensorSpec
 
 
 def _run_jobs(
@@ -131,7 +81,7 @@ def _deploy_steps(
         write_variants(writer.tmp, entries, jobs, variants, report=report, batch_sizes=batch_sizes, gates=gates)
     if not lint:
         return
-    from fine_infer.export._lint import lint_onnx
+    from fine_infer.export.lint import lint_onnx
 
     axes = {a for job in jobs for t in job.spec.inputs for a in t.shape if isinstance(a, str)}
     for name, entry in entries.items():
@@ -156,11 +106,6 @@ def _validation_block(report: ExportReport, tolerance: Tolerance, batch_sizes: S
     }
 
 
-def default_tolerance(atol: float | None) -> Tolerance:
-    """fp32 parity: max abs error ≤ ``atol`` (default 1e-4) and top-10 agreement ≥ 0.9 on a random gallery."""
-    return Tolerance(atol=1e-4 if atol is None else atol, min_topk=0.9, k=10)
-
-
 def export_model(
     model,
     out: str | Path,
@@ -176,17 +121,16 @@ def export_model(
     preset: str | None = None,
     variants: Sequence[str] = (),
     lint: bool = False,
-    recall_gate: bool = False,
-    recall_tolerance: float = 0.5,
+    checks: Sequence[SealedCheck] = (),
 ) -> ExportReport:
     """Export a zoo model (:class:`fine_infer.models.ZooModel`) to a bundle folder ``out``.
 
     Every graph is exported, checked with ``onnx.checker`` and compared with PyTorch at ``batch_sizes``; a
     failing gate raises :class:`GateFailure` (an :class:`ExportError`) and nothing is written. ``variants``
     (``fp16``, ``int8``, ``cpu-opt``) are written beside each graph behind their own gates; ``lint`` checks the
-    TensorRT-bound graphs against TensorRT's ONNX operator support. ``recall_gate`` evaluates the finished bundle
-    (fp32, and fp16 when written) on the generated catalogue's held-out split: its headline metric
-    (:data:`fine_infer.evaluate.HEADLINE`) must be within ``recall_tolerance`` points of the PyTorch model's."""
+    TensorRT-bound graphs against TensorRT's ONNX operator support. ``checks`` run on the sealed bundle before it is
+    moved into place (e.g. :class:`fine_infer.tools.recall.RecallCheck`, the catalogue recall gate); each result
+    is recorded in the report and the manifest, and a failed one fails the export."""
     from fine_infer.models import config_to_dict
 
     t0 = time.perf_counter()
@@ -230,36 +174,28 @@ def export_model(
             tokenizer=tokenizer_file, weights=weights_file, class_labels=labels, versions=tool_versions(),
             validation=_validation_block(report, tolerance, batch_sizes),
         )
-        if recall_gate:
-            _recall_step(model, writer, manifest, report, variants, recall_tolerance)
+        _run_checks(checks, model, writer, manifest, report, variants)
         report.seconds = time.perf_counter() - t0
         writer.commit(manifest)
     return report
 
 
-def _recall_step(model, writer: BundleWriter, manifest: Manifest, report: ExportReport, variants: Sequence[str],
-                 tolerance_points: float) -> None:
-    """The recall gate on the sealed (complete, not yet committed) bundle; recorded in the report and manifest."""
-    from fine_infer.evaluate import HEADLINE, recall_gate
-
-    if model.arch not in HEADLINE:
-        raise ConfigError(f"the recall gate evaluates zoo archs on the generated catalogue ({', '.join(HEADLINE)}); "
-                          f"{model.arch!r} has no protocol there: export without --recall-gate")
-    missing = sorted(set(model.graphs()) - set(manifest.graphs))
-    if missing:
-        raise ConfigError(f"the recall gate runs {model.arch}'s retrieval protocol, which needs the graph(s) "
-                          f"{', '.join(missing)}: export every graph, or pass --no-recall-gate")
+def _run_checks(checks: Sequence[SealedCheck], model, writer: BundleWriter, manifest: Manifest, report: ExportReport,
+                variants: Sequence[str]) -> None:
+    """Run ``checks`` on the sealed (complete, not yet committed) bundle; record each in the report and manifest."""
+    if not checks:
+        return
     sealed = writer.seal(manifest)
-    gated = ["fp32", *(["fp16"] if "fp16" in variants else [])]
-    gate = recall_gate(model, sealed.path, gated, tolerance_points)
-    report.recall = {"metric": gate.metric, "pytorch": round(gate.reference, 2),
-                     "variants": {v: round(x, 2) for v, x in gate.variants.items()},
-                     "tolerance_points": tolerance_points, "passed": gate.passed}
-    manifest.validation["recall"] = report.recall
-    if not gate.passed:
-        report.passed = False
-        report.reason = f"recall gate failed: {gate.reason}"
-        raise GateFailure(report.reason, report)
+    for check in checks:
+        result = check(model, sealed.path, ["fp32", *variants])
+        if result is None:  # the check does not apply to this bundle
+            continue
+        report.checks[check.name] = result
+        manifest.validation[check.name] = result
+        if not result.get("passed"):
+            report.passed = False
+            report.reason = f"{check.name} gate failed: {result.get('reason', '')}"
+            raise GateFailure(report.reason, report)
     writer.seal(manifest, rehash=False)
 
 

@@ -29,28 +29,29 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
 
 from fine_infer.bundle import GraphEntry
-from fine_infer.compare import Tolerance, compare
+from fine_infer.compare import Tolerance
 from fine_infer.errors import ConfigError, ExportError
+from fine_infer.bundle.variants import ORT_CPU_ONLY
 from fine_infer.export._onnx import check_onnx
-from fine_infer.export._parity import DEFAULT_BATCHES, _seq_for, summarize
-from fine_infer.runtime.variants import ORT_CPU_ONLY, ort_session_kwargs
-
-if TYPE_CHECKING:
-    from fine_infer.export._bundle_export import ExportReport, GraphJob
+from fine_infer.export.gates import (
+    DEFAULT_BATCHES,
+    VARIANT_TOLERANCES,
+    GraphJob,
+    RunFn,
+    compare_runs,
+    fresh_seed,
+    ort_cpu_runner,
+    sample_references,
+    summarize,
+)
+from fine_infer.export.report import ExportReport, GateFailure
 
 VARIANTS = ("fp16", "int8", "cpu-opt")
-
-TOLERANCES: dict[str, Tolerance] = {
-    "fp16": Tolerance(atol=None, min_cosine=0.999, min_topk=0.9, k=10),
-    "int8": Tolerance(atol=None, min_cosine=0.99, min_topk=0.9, k=10),
-    "cpu-opt": Tolerance(atol=1e-4, min_topk=0.9, k=10),
-}
+TOLERANCES = {v: VARIANT_TOLERANCES[v] for v in VARIANTS}
 # fp16 graphs also run on onnx.reference (numpy, every value stored in fp16), which is slow: ~18 s for a ResNet-50
 # (48 MB in fp16) at batch 1 here. Small graphs run at batches 1 and 3, mid-size ones at batch 1 only, and larger
 # ones are left to the gpu tests on TensorRT (the row records why).
@@ -92,7 +93,7 @@ def _reference_runner(onnx_path: str | Path, output_names: list[str]) -> tuple[C
 
 
 def check_variant_parity(
-    job: "GraphJob",
+    job: GraphJob,
     onnx_path: str | Path,
     variant: str,
     tolerance: Tolerance,
@@ -107,20 +108,12 @@ def check_variant_parity(
     fp32 and drops the casts between them, so an fp16 overflow (x² > 65504 in a variance) never shows there, while
     the reference evaluator stores every value in fp16 as a GPU does.
 
-    Returns (rows: one per runtime, batch and output, plus a ``batch="all"`` row per runtime and output over every
-    sampled row, which is what the gate decides on; the seed; the reasons it failed or "")."""
-    import onnxruntime as ort
-
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    gen = torch.Generator().manual_seed(seed)
-    spec = job.spec
-    names = [t.name for t in spec.outputs]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(os.fspath(onnx_path), opts, providers=["CPUExecutionProvider"],
-                                   **ort_session_kwargs(variant))
-    runtimes: dict[str, tuple[Callable, int, Tolerance]] = {
-        "onnxruntime": (lambda f: session.run(names, f), max(batch_sizes), tolerance)}
+    Returns (rows: per runtime, those of :func:`fine_infer.export.gates.compare_runs`; the seed; the reasons it
+    failed or "")."""
+    seed = fresh_seed() if seed is None else seed
+    names = [t.name for t in job.spec.outputs]
+    runtimes: dict[str, tuple[RunFn, int, Tolerance]] = {
+        "onnxruntime": (ort_cpu_runner(onnx_path, variant), max(batch_sizes), tolerance)}
     rows: list[dict] = []
     if variant == "fp16":
         ref, max_batch, why_not = _reference_runner(onnx_path, names)
@@ -129,56 +122,24 @@ def check_variant_parity(
         else:
             cosine_only = Tolerance(atol=None, min_cosine=tolerance.min_cosine, min_topk=None, k=tolerance.k)
             runtimes["fp16-reference"] = (ref, max_batch, cosine_only)
-    samples = []
-    for batch in batch_sizes:
-        seq = _seq_for(spec, batch, job.max_seq_len)
-        feeds = job.sampler(batch, seq, gen)
-        with torch.no_grad():
-            out = job.module(*[feeds[t.name] for t in spec.inputs])
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        arrays = {k: v.numpy() for k, v in feeds.items()}
-        samples.append((batch, seq, arrays, [o.detach().float().numpy() for o in outs]))
+    samples = sample_references(job, batch_sizes, seed)
     reasons: list[str] = []
     for runtime, (run, max_batch, tol) in runtimes.items():
-        pooled: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
-        for batch, seq, feeds, refs in samples:
-            if batch > max_batch:
-                continue
-            try:
-                got = run(feeds)
-            except Exception as exc:  # noqa: BLE001 - a graph the runtime cannot execute fails the gate, in one line
-                msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                reasons.append(f"{spec.name} ({variant} on {runtime}) does not run at batch {batch}: {msg}")
-                break
-            for t, r, g in zip(spec.outputs, refs, got):
-                g = np.asarray(g, dtype=np.float32)
-                kind = job.output_kinds.get(t.name, "embedding")
-                c = compare(r, g, tol, kind=kind, seed=seed + batch)
-                rows.append({"runtime": runtime, "batch": batch, "sequence": seq, "output": t.name, **c.to_dict()})
-                pooled[t.name][0].append(r.reshape(r.shape[0], -1))
-                pooled[t.name][1].append(g.reshape(g.shape[0], -1))
-        # The gate: every sampled row in one comparison per output (12 queries at batches 1, 3, 8 instead of one
-        # at batch 1, whose top-10 includes 9 near-tied random gallery vectors), so a single near-tie swap among
-        # tiny random-weight embeddings cannot decide it; cosine is per row either way.
-        for t in spec.outputs:
-            kind = job.output_kinds.get(t.name, "embedding")
-            refs_t, got_t = pooled[t.name]
-            if len(got_t) < len([s for s in samples if s[0] <= max_batch]):
-                continue  # it did not run: already a reason above
-            c = compare(np.concatenate(refs_t), np.concatenate(got_t), tol, kind=kind, seed=seed)
-            rows.append({"runtime": runtime, "batch": "all", "sequence": None, "output": t.name, **c.to_dict()})
-            if not c.passed:
-                reasons.append(f"{spec.name}.{t.name} ({variant} on {runtime}): {c.reason}")
+        checks, reason = compare_runs(run, job, samples, tol, seed, label=f"{variant} on {runtime}",
+                                      max_batch=max_batch)
+        rows += [{"runtime": runtime, **r} for r in checks]
+        if reason:
+            reasons.append(reason)
     return rows, seed, "; ".join(reasons)
 
 
 def write_variants(
     folder: str | Path,
     entries: dict[str, GraphEntry],
-    jobs: Sequence["GraphJob"],
+    jobs: Sequence[GraphJob],
     variants: Sequence[str],
     *,
-    report: "ExportReport | None" = None,
+    report: ExportReport | None = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCHES,
     gates: bool = True,
     tolerances: dict[str, Tolerance] | None = None,
@@ -231,8 +192,6 @@ def write_variants(
             if not row["passed"]:
                 msg = f"{variant} gate failed: {row['reason']} (seed {row['seed']})"
                 if report is not None:
-                    from fine_infer.export._bundle_export import GateFailure
-
                     report.passed = False
                     report.reason = msg
                     raise GateFailure(msg, report)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fine_infer.catalogue import (
+from fine_infer.tools.catalogue import (
     CATEGORIES,
     COLOURS,
     PALETTE,
@@ -235,6 +235,6 @@ def test_save_catalogue_writes_pngs_and_metadata(tmp_path, items):
 
 
 def test_module_imports_no_torch():
-    code = "import sys, fine_infer.catalogue as c; c.generate(2); assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fine_infer.tools.catalogue as c; c.generate(2); assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

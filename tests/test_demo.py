@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from fine_infer.demo import COMPOSED_QUERIES, PLANTED_PER_PRODUCT, TEXT_QUERIES, TOP, demo_catalogue
+from fine_infer.tools.demo import COMPOSED_QUERIES, PLANTED_PER_PRODUCT, TEXT_QUERIES, TOP, demo_catalogue
 from fine_infer.models._checkpoint import WEIGHTS_DIR
 
 
 def test_demo_catalogue_plants_every_queried_product_among_held_out_items():
-    from fine_infer.catalogue import HELD_OUT_START
+    from fine_infer.tools.catalogue import HELD_OUT_START
 
     items = demo_catalogue(20, seed=3)
     ids = [it.id for it in items]

@@ -12,9 +12,9 @@ import secrets
 import numpy as np
 import pytest
 
-from fine_infer.catalogue import CATEGORIES, COLOURS, PATTERNS, generate
+from fine_infer.tools.catalogue import CATEGORIES, COLOURS, PATTERNS, generate
 from fine_infer.errors import ConfigError
-from fine_infer.evaluate import (
+from fine_infer.tools.evaluate import (
     HEADLINE,
     EvalReport,
     attribute_metrics,
@@ -180,7 +180,7 @@ def recorded_threads(training_json):
 
 @pytest.fixture(scope="module")
 def pretrained_reports(training_json, recorded_threads):
-    from fine_infer.evaluate import evaluate_model
+    from fine_infer.tools.evaluate import evaluate_model
     from fine_infer.models import create
 
     cache = {}
@@ -218,7 +218,7 @@ def pretrained_bundles(tmp_path_factory):
     def get(arch):
         if arch not in cache:
             out = tmp_path_factory.mktemp("eval-bundles") / arch
-            export_arch(arch, out, "tiny", pretrained=True, recall_gate=False)
+            export_arch(arch, out, "tiny", pretrained=True)
             cache[arch] = out
         return cache[arch]
 
@@ -227,7 +227,7 @@ def pretrained_bundles(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["attributes", "maaf"])  # fashion-fine: tests/test_export_recall_gate.py
 def test_exported_bundle_evaluates_like_pytorch(arch, pretrained_bundles, pretrained_reports):
-    from fine_infer.evaluate import evaluate_bundle, evaluate_reference
+    from fine_infer.tools.evaluate import evaluate_bundle, evaluate_reference
 
     bundle = pretrained_bundles(arch)
     ref = pretrained_reports(arch)

@@ -2,7 +2,7 @@
 sessions, real processes.
 
 The gate evaluates the sealed bundle (fp32 and fp16) on the catalogue's held-out split before it is moved into place;
-its headline metric must be within ``recall_tolerance`` points of the PyTorch model's, else nothing is written.
+its headline metric must be within the check's ``tolerance_points`` of the PyTorch model's, else nothing is written.
 """
 
 import json
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from fine_infer.export import GateFailure, export_arch
+from fine_infer.tools.recall import RecallCheck, default_checks
 
 from fine_infer.bundle import read_bundle
-from fine_infer.evaluate import HEADLINE
+from fine_infer.tools.evaluate import HEADLINE
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -35,16 +36,16 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 def gated(tmp_path_factory):
     """Fashion-FINE with the shipped weights and an fp16 variant; the gate is on by default with ``pretrained``."""
     out = tmp_path_factory.mktemp("gate") / "ff"
-    report = export_arch("fashion-fine", out, "tiny", pretrained=True, variants=["fp16"])
+    report = export_arch("fashion-fine", out, "tiny", pretrained=True, variants=["fp16"], checks=default_checks(True))
     return out, report
 
 
 def test_gate_passes_and_records_fp32_and_fp16_recall(gated):
     out, report = gated
-    assert report.passed and report.recall is not None
+    assert report.passed and report.checks["recall"] is not None
     manifest = read_bundle(out, verify=True).manifest  # still verifies after the manifest gained the recall block
     rec = manifest.validation["recall"]
-    assert rec == report.recall == json.loads((out / "manifest.json").read_text())["validation"]["recall"]
+    assert rec == report.checks["recall"] == json.loads((out / "manifest.json").read_text())["validation"]["recall"]
     assert rec["metric"] == HEADLINE["fashion-fine"] == "t2i_r10"
     assert set(rec["variants"]) == {"fp32", "fp16"} and rec["passed"] is True and rec["tolerance_points"] == 0.5
     for v, points in rec["variants"].items():
@@ -59,8 +60,8 @@ def test_gate_passes_and_records_fp32_and_fp16_recall(gated):
 def test_impossible_tolerance_fails_and_writes_nothing(tmp_path):
     out = tmp_path / "triplet"
     with pytest.raises(GateFailure, match="recall gate failed: fp32 image_r10") as exc:
-        export_arch("triplet", out, "tiny", pretrained=True, recall_gate=True, recall_tolerance=-1.0)
-    assert exc.value.report.recall["passed"] is False and set(exc.value.report.recall["variants"]) == {"fp32"}
+        export_arch("triplet", out, "tiny", pretrained=True, checks=[RecallCheck(-1.0)])
+    assert exc.value.report.checks["recall"]["passed"] is False and set(exc.value.report.checks["recall"]["variants"]) == {"fp32"}
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no .partial temp folder either
 
@@ -70,7 +71,7 @@ def test_failed_gate_leaves_an_existing_bundle_untouched(gated, tmp_path):
     shutil.copytree(gated[0], out)
     before = tree_bytes(out)
     with pytest.raises(GateFailure, match="recall gate failed"):
-        export_arch("triplet", out, "tiny", pretrained=True, recall_gate=True, recall_tolerance=-1.0, force=True)
+        export_arch("triplet", out, "tiny", pretrained=True, checks=[RecallCheck(-1.0)], force=True)
     assert tree_bytes(out) == before  # manifest.json and every other file byte for byte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ff"]
     read_bundle(out, verify=True)
@@ -89,7 +90,7 @@ def test_cli_eval_json_matches_the_gate(gated):
         assert x["arch"] == "fashion-fine" and set(x["metrics"]) == set(ref["metrics"])
         assert abs(x["metrics"]["t2i_r10"] - ref["metrics"]["t2i_r10"]) <= 0.005, src
     # the same numbers the gate recorded in the manifest (same bundle, items and runtime)
-    rec = report.recall
+    rec = report.checks["recall"]
     assert round(100 * reports["onnxruntime"]["metrics"]["t2i_r10"], 2) == rec["variants"]["fp32"]
     assert round(100 * reports["onnxruntime/fp16"]["metrics"]["t2i_r10"], 2) == rec["variants"]["fp16"]
     assert abs(100 * ref["metrics"]["t2i_r10"] - rec["pytorch"]) <= 0.5

@@ -8,22 +8,14 @@ import numpy as np
 import pytest
 
 import fine_infer
-from fine_infer import bench
+from fine_infer.tools import bench
 from fine_infer.bundle import read_bundle, read_manifest, sha256_file
 from fine_infer.cli import main as cli_main
 from fine_infer.errors import BundleError, ConfigError
-from fine_infer.tune import (
-    CPU_PATHS,
-    MIN_SPEEDUP,
-    CpuPath,
-    auto_choice,
-    gate_status,
-    pick,
-    read_tune,
-    tune_bundle,
-    write_tune,
-)
-from fine_infer.validate import record_gates, validate_bundle
+from fine_infer.runtime.choice import MIN_SPEEDUP, auto_choice, gate_status, pick, read_tune
+from fine_infer.runtime.paths import CPU_PATHS, ExecPath
+from fine_infer.tools.tune import tune_bundle, write_tune
+from fine_infer.tools.validate import record_gates, validate_bundle
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'fine-infer[openvino]'")
 
@@ -149,20 +141,20 @@ def test_a_failed_gate_is_never_picked(gated):
     assert pick(ranked, eligible).label == "openvino"
     record_gates(bundle, {"openvino": {"passed": False, "reason": "text.embedding: max abs error 0.3 > atol 0.0001"}})
     m = read_bundle(bundle).manifest
-    assert gate_status(m, CpuPath("openvino")) == ("failed", "text.embedding: max abs error 0.3 > atol 0.0001")
+    assert gate_status(m, ExecPath("openvino")) == ("failed", "text.embedding: max abs error 0.3 > atol 0.0001")
     c = pick(ranked, _eligible(m))
     assert c.label == "onnxruntime/int8" and "openvino (3.00×) gate failed" in c.reason
     del ranked["onnxruntime/int8"]  # what is left is 1.02×: not worth bf16's precision loss
     c = pick(ranked, _eligible(m))
     assert c.label == "onnxruntime" and f"≥ {MIN_SPEEDUP:g}×" in c.reason
     validate_bundle(bundle, backends=["openvino"])  # a fresh gate run replaces the failed record
-    assert gate_status(read_manifest(bundle), CpuPath("openvino"))[0] == "passed"
+    assert gate_status(read_manifest(bundle), ExecPath("openvino"))[0] == "passed"
 
 
 def _eligible(m):
-    from fine_infer.tune import _eligibility
+    from fine_infer.runtime.choice import eligibility
 
-    return _eligibility(m, None)
+    return eligibility(m, None)
 
 
 def test_auto_without_a_usable_tune_result_is_onnxruntime_fp32(gated, tmp_path):

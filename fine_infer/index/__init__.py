@@ -4,6 +4,7 @@ This is the public API of the package; the native core (``fine_infer._native``, 
 through :mod:`fine_infer.index._native_search`.
 """
 
-from fine_infer.index._index import MAX_K, Index
+from fine_infer.index._checks import MAX_K
+from fine_infer.index._index import Index
 
 __all__ = ["MAX_K", "Index"]

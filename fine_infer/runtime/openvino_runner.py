@@ -41,7 +41,7 @@ _core_lock = threading.Lock()
 _core: Any = None
 
 
-def _ov():
+def require_openvino():
     try:
         import openvino
     except ImportError as exc:
@@ -54,7 +54,7 @@ def core() -> Any:
     global _core
     with _core_lock:
         if _core is None:
-            _core = _ov().Core()
+            _core = require_openvino().Core()
         return _core
 
 
@@ -119,7 +119,7 @@ class OpenVINORunner(Runner):
         why = precision_unsupported(precision, capabilities)
         if why:
             raise BackendUnavailableError(why)
-        ov = _ov()
+        ov = require_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
 
@@ -167,7 +167,7 @@ class OpenVINORunner(Runner):
         return {"provider": self.provider, "precision": self.precision, "hint": self.hint,
                 "streams": int(self.compiled.get_property("NUM_STREAMS")),
                 "threads": int(self.compiled.get_property(props.inference_num_threads())),
-                "infer_requests": self.max_requests, "openvino": _ov().__version__}
+                "infer_requests": self.max_requests, "openvino": require_openvino().__version__}
 
     def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._slots:

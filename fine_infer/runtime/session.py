@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -12,8 +12,9 @@ from fine_infer.bundle import Bundle, read_bundle
 from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError, InputError
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
-
-BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt")
+from fine_infer.runtime.choice import Choice, auto_choice
+from fine_infer.runtime.factory import make_runner
+from fine_infer.runtime.paths import BACKENDS, ExecPath
 MAX_BATCH = 1024  # bound one call's work; larger inputs should be chunked by the caller
 
 
@@ -49,8 +50,8 @@ class Session:
         self._lock = threading.Lock()
         self._tokenizer = None
         self._model = None
-        #: what ``backend="auto"`` picked and why (a :class:`fine_infer.tune.Choice`); None for an explicit backend
-        self.choice = None
+        #: what ``backend="auto"`` picked and why; None for an explicit backend
+        self.choice: Choice | None = None
         if backend == "auto":
             self.choice = self._auto(variant)
             backend, variant = self.choice.backend, self.choice.variant
@@ -70,7 +71,7 @@ class Session:
             if why:
                 raise BackendUnavailableError(why)
         elif self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
-            from fine_infer.runtime.variants import variant_file
+            from fine_infer.bundle.variants import variant_file
 
             try:
                 for entry in self.manifest.graphs.values():
@@ -81,12 +82,10 @@ class Session:
                                       "backend='openvino'") from None
                 raise
 
-    def _auto(self, variant: str | None):
-        """``backend="auto"``: ONNX Runtime where CUDA really runs it (or a variant, providers or a CUDA device was
-        asked for, as before); on a CPU box the fastest gated CPU path of the bundle's tune result."""
-        from fine_infer.tune import Choice, auto_choice
-
-        if variant is not None:  # as before: a variant written at export, on ONNX Runtime
+    def _auto(self, variant: str | None) -> Choice:
+        """``backend="auto"``: ONNX Runtime where CUDA really runs it (or where a variant, providers or a CUDA device
+        was asked for); on a CPU box the fastest gated CPU path of the bundle's tune result."""
+        if variant is not None:  # a variant written at export runs on ONNX Runtime
             return Choice("onnxruntime", variant, f"variant {variant!r} was asked for: ONNX Runtime")
         if self._providers is not None or self._device.startswith("cuda"):
             return Choice("onnxruntime", "fp32", "providers or a CUDA device were asked for: ONNX Runtime")
@@ -103,10 +102,8 @@ class Session:
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             return False
-        from fine_infer.runtime.onnxruntime_runner import OnnxRuntimeRunner
-
-        name, entry = next(iter(self.manifest.graphs.items()))
-        runner = OnnxRuntimeRunner(entry.spec, self.bundle.file(entry.file), None, self._threads)
+        name = next(iter(self.manifest.graphs))
+        runner = make_runner(self.bundle, name, ExecPath("onnxruntime"), threads=self._threads)
         if runner.provider != "CUDAExecutionProvider":
             return False
         self._runners[name] = runner
@@ -139,29 +136,21 @@ class Session:
             runner.close()
 
     def _make_runner(self, graph: str, threads: int | None = None) -> Runner:
-        entry = self.bundle.graph(graph)
-        if self.backend == "openvino":
-            from fine_infer.runtime.openvino_runner import OpenVINORunner, variant_precision
+        return make_runner(self.bundle, graph, self.path, providers=self._providers, device=self._device,
+                           threads=threads or self._threads, hint=self._hint, model=self._torch_model)
 
-            return OpenVINORunner(entry.spec, self.bundle.file(entry.file), variant_precision(self.variant),
-                                  self._hint or "latency", self._threads)
-        if self.backend in ("onnxruntime", "tensorrt"):
-            from fine_infer.runtime.variants import ort_session_kwargs, resolve_variant
-
-            path = resolve_variant(self.bundle, entry, self.variant, self.backend)
-            if self.backend == "tensorrt":
-                from fine_infer.runtime.tensorrt_runner import TensorRTRunner
-
-                return TensorRTRunner(entry.spec, path, device=_cuda_index(self._device))
-            from fine_infer.runtime.onnxruntime_runner import OnnxRuntimeRunner
-
-            return OnnxRuntimeRunner(entry.spec, path, self._providers, threads or self._threads,
-                                     session_kwargs=ort_session_kwargs(self.variant))
-        from fine_infer.runtime.torch_runner import TorchRunner, model_from_bundle
-
+    def _torch_model(self):
+        """The bundle's PyTorch model, built once and shared by the torch backend's runners."""
         if self._model is None:
+            from fine_infer.runtime.torch_runner import model_from_bundle
+
             self._model = model_from_bundle(self.bundle)
-        return TorchRunner(entry.spec, self._model, self._device, self._kernels)
+        return self._model
+
+    @property
+    def path(self) -> ExecPath:
+        """The backend, variant and kernels this session runs."""
+        return ExecPath(self.backend, self.variant, self._kernels)
 
     @property
     def threads(self) -> int | None:
@@ -170,8 +159,8 @@ class Session:
 
     @property
     def label(self) -> str:
-        """``backend`` or ``backend/variant`` (``onnxruntime``, ``openvino/bf16``): the CPU path names of tune/bench."""
-        return self.backend if self.variant == "fp32" else f"{self.backend}/{self.variant}"
+        """The path's label (``onnxruntime``, ``openvino/bf16``): the names tune and bench use."""
+        return ExecPath(self.backend, self.variant).label
 
     @property
     def providers(self) -> dict[str, str]:
@@ -239,17 +228,7 @@ class Session:
         """Per image, per attribute head: the predicted label, its probability and all probabilities."""
         entry = self.bundle.graph_for_task("classify")
         out = self.run(entry.spec.name, {"pixels": self.preprocess_images(images)})
-        labels = self.manifest.class_labels or {}
-        results: list[dict[str, Any]] = [{} for _ in range(len(next(iter(out.values()))))]
-        for name, logits in out.items():
-            z = logits - logits.max(axis=1, keepdims=True)
-            probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-            names = labels.get(name) or [str(i) for i in range(logits.shape[1])]
-            for i, p in enumerate(probs):
-                j = int(p.argmax())
-                results[i][name] = {"label": names[j], "score": float(p[j]),
-                                    "scores": {n: float(v) for n, v in zip(names, p)}}
-        return results
+        return classify_outputs(out, self.manifest.class_labels)
 
     def embed(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
         """Embed whatever the bundle's graphs allow: images, texts, or both together (composed query)."""
@@ -274,10 +253,19 @@ class Session:
                 f"variant={self.variant!r})")
 
 
-def _cuda_index(device: str) -> int:
-    """``"cuda:1"`` → 1; ``"cuda"``/``"cpu"`` → 0 (TensorRT always runs on a CUDA device)."""
-    _, _, idx = device.partition(":")
-    return int(idx) if idx.isdigit() else 0
+def classify_outputs(out: Mapping[str, np.ndarray], labels: Mapping[str, list[str]] | None) -> list[dict[str, Any]]:
+    """Per row, per head: softmax of the logits → the top label, its probability, and every label's probability."""
+    rows: list[dict[str, Any]] = [{} for _ in range(len(next(iter(out.values()))))]
+    for name, logits in out.items():
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
+        names = (labels or {}).get(name) or [str(i) for i in range(logits.shape[1])]
+        for i, p in enumerate(probs):
+            j = int(p.argmax())
+            rows[i][name] = {"label": names[j], "score": float(p[j]),
+                             "scores": {n: float(v) for n, v in zip(names, p)}}
+    return rows
+
 
 
 def _batch_of(feeds: dict[str, np.ndarray]) -> int:

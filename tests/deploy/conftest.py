@@ -30,7 +30,7 @@ def deploy_bundle(tmp_path_factory):
 @pytest.fixture
 def fake_trt(monkeypatch):
     """``fake_trt(version, **kw)`` installs a :class:`FakeTensorRT` as ``tensorrt`` and a fake GPU (Orin, sm 8.7)."""
-    import fine_infer.export._tensorrt as trt_mod
+    import fine_infer.export.engines as trt_mod
 
     def install(version: str = "10.3.0", **kw) -> FakeTensorRT:
         fake = FakeTensorRT(version, **kw)

@@ -13,7 +13,7 @@ import pytest
 
 import fine_infer
 from fine_infer.bundle import read_bundle
-from fine_infer.catalogue import generate, save_catalogue
+from fine_infer.tools.catalogue import generate, save_catalogue
 from fine_infer.errors import BundleError, ConfigError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -11,7 +11,7 @@ from deploy_helpers import arch_params
 from onnx import TensorProto, helper
 
 from fine_infer.errors import ExportError
-from fine_infer.export._lint import lint_bundle, lint_gate, lint_onnx, load_table
+from fine_infer.export.lint import lint_bundle, lint_gate, lint_onnx, load_table
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=20, extra_opsets=()):
@@ -118,42 +118,24 @@ def test_opset_outside_the_parser_range_and_cpu_only_variants_fail(tmp_path, dep
     assert "com.microsoft" in " ".join(f.op for f in lint_onnx(deploy_bundle("raf")[0] / "compose.cpu-opt.onnx").errors)
 
 
-def _cli_parser(build_parser):
-    """``build_parser()`` with the deploy commands added the way its ``add`` helper does (if it lacks them)."""
-    from fine_infer.cli_deploy import add_commands
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    if "lint" not in sub.choices:
-        def add(name, fn, help):
-            sp = sub.add_parser(name, help=help, description=fn.__doc__)
-            sp.set_defaults(fn=fn)
-            return sp
-
-        add_commands(sub, add)
-    return parser
-
-
-def run_cli(monkeypatch, *argv):
-    """``fine_infer.cli.main`` in-process with the deploy commands registered (until cli.py registers them)."""
+def run_cli(*argv):
+    """``fine_infer.cli.main`` in-process."""
     from fine_infer import cli
 
-    original = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: _cli_parser(original))
     return cli.main(list(argv))
 
 
 def test_lint_command_in_process(tmp_path, deploy_bundle, monkeypatch, capsys):
     out, _, _ = deploy_bundle("triplet")
-    assert run_cli(monkeypatch, "lint", str(out)) == 0
+    assert run_cli("lint", str(out)) == 0
     assert "image: image.onnx: passes the TensorRT 10.15 lint" in capsys.readouterr().out
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])
     bad = _save(_model([helper.make_node("Det", ["x"], ["y"], name="planted_det")], [x], [y]), tmp_path / "bad.onnx")
-    assert run_cli(monkeypatch, "lint", str(bad), "--json") == 1
+    assert run_cli("lint", str(bad), "--json") == 1
     report = json.loads(capsys.readouterr().out)["bad.onnx"]
     assert not report["passed"] and report["findings"][0]["node"] == "planted_det"
-    assert run_cli(monkeypatch, "lint", str(tmp_path / "nothing.txt")) == 2
+    assert run_cli("lint", str(tmp_path / "nothing.txt")) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line
 
 

@@ -17,7 +17,7 @@ import torch
 from fine_infer.bundle import read_bundle
 from fine_infer.compare import Tolerance, compare
 from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError
-from fine_infer.export._tensorrt import (
+from fine_infer.export.engines import (
     EngineBuildError,
     build_bundle_engines,
     build_engine,
@@ -25,7 +25,7 @@ from fine_infer.export._tensorrt import (
     tensorrt_module,
 )
 from fine_infer.runtime.tensorrt_runner import TensorRTRunner, check_engine_compat, read_engine_meta
-from fine_infer.runtime.variants import variant_file
+from fine_infer.bundle.variants import variant_file
 from fine_infer.specs import GraphSpec, TensorSpec
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -57,10 +57,10 @@ def test_build_engine_command_fails_with_one_line_and_nonzero_exit(deploy_bundle
     from test_deploy_lint import run_cli
 
     out, _, _ = deploy_bundle("triplet")
-    assert run_cli(monkeypatch, "build-engine", str(out)) == 2
+    assert run_cli("build-engine", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith("fine-infer build-engine: error: TensorRT is not installed here") and err.count("\n") == 1
-    assert run_cli(monkeypatch, "build-engine", str(out), "--batch", "4,2,1") == 2  # checked before TensorRT loads
+    assert run_cli("build-engine", str(out), "--batch", "4,2,1") == 2  # checked before TensorRT loads
     assert "profile range for 'batch' must be MIN,OPT,MAX" in capsys.readouterr().err
 
 

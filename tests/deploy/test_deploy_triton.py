@@ -11,8 +11,8 @@ from tritonclient.grpc import model_config_pb2
 from fine_infer._atomic import DIR_MODE
 from fine_infer.bundle import read_bundle
 from fine_infer.errors import ConfigError
-from fine_infer.export._tensorrt import build_bundle_engines
-from fine_infer.export._triton_repo import model_config, write_triton_repo
+from fine_infer.export.engines import build_bundle_engines
+from fine_infer.export.triton_repo import model_config, write_triton_repo
 
 
 def parse(path) -> model_config_pb2.ModelConfig:
@@ -91,10 +91,10 @@ def test_triton_repo_command(deploy_bundle, tmp_path, monkeypatch, capsys):
     from test_deploy_lint import run_cli
 
     out, _, _ = deploy_bundle("triplet")
-    assert run_cli(monkeypatch, "triton-repo", str(out), "--out", str(tmp_path / "repo")) == 0
+    assert run_cli("triton-repo", str(out), "--out", str(tmp_path / "repo")) == 0
     assert "triplet_image (onnxruntime_onnx)" in capsys.readouterr().out
     parse(tmp_path / "repo" / "triplet_image" / "config.pbtxt")
-    assert run_cli(monkeypatch, "triton-repo", str(out), "--out", str(tmp_path / "repo")) == 2
+    assert run_cli("triton-repo", str(out), "--out", str(tmp_path / "repo")) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
 
 

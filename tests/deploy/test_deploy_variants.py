@@ -13,11 +13,12 @@ from fine_infer.bundle import read_bundle
 from fine_infer.compare import Tolerance, compare
 from fine_infer.errors import BundleError, ConfigError, ExportError
 from fine_infer.export import GateFailure
-from fine_infer.export._bundle_export import ExportReport, GraphJob
+from fine_infer.export.gates import GraphJob
+from fine_infer.export.report import ExportReport
 from fine_infer.export._fp16 import FP32_OPS, convert_to_fp16
 from fine_infer.export._onnx import export_graph
 from fine_infer.export._variants import TOLERANCES, check_variant_parity, write_variants
-from fine_infer.runtime.variants import ort_session_kwargs, resolve_variant, variant_file
+from fine_infer.bundle.variants import ort_session_kwargs, resolve_variant, variant_file
 from fine_infer.specs import GraphSpec, TensorSpec
 
 

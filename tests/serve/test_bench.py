@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fine_infer import bench
-from fine_infer.cli_serve import main
+from fine_infer.tools import bench
+from fine_infer.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,10 @@ def test_load_test_a_running_server(server, tmp_path):
 
 
 def test_demo_uses_the_bench_timer():
-    from fine_infer import demo
+    from fine_infer.tools import demo
 
-    assert demo._median_ms is bench._median_ms
-    assert bench._median_ms(lambda: None, repeats=3, warmup=1) >= 0
+    assert demo.median_ms is bench.median_ms
+    assert bench.median_ms(lambda: None, repeats=3, warmup=1) >= 0
 
 
 def test_compare_catches_a_planted_slowdown(tmp_path, capsys):

@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 
-from fine_infer.cli_serve import main
+from fine_infer.cli import main
 from serve_helpers import DEADLINE_S, b64, png, run_concurrently
 
 
@@ -59,7 +59,7 @@ def test_sigterm_drains_in_flight_requests(maaf_bundle, maaf_session, tmp_path):
         pass
     # A long batching delay keeps the requests in flight (queued) when SIGTERM arrives; two lanes from the flag.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fine_infer.cli_serve", "serve", str(maaf_bundle), "--port", str(port),
+        [sys.executable, "-m", "fine_infer.cli", "serve", str(maaf_bundle), "--port", str(port),
          "--max-batch-size", "8", "--lanes", "2", "--max-delay-ms", "5000", "--fixed-delay", "--log-level", "warning",
          *index_args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -1,4 +1,4 @@
-"""Training data, samplers, schedule and short real training runs of ``fine_infer.train``.
+"""Training data, samplers, schedule and short real training runs of ``fine_infer.tools.train``.
 
 The runs are tiny (256 catalogue items, 40-60 steps, one thread) but real: the zoo model, its own preprocessing and
 tokenizer, the paper's objective, AdamW, and the safetensors file the package would ship.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fine_infer.catalogue import (
+from fine_infer.tools.catalogue import (
     CATEGORIES,
     COLOURS,
     PATTERNS,
@@ -28,11 +28,11 @@ from fine_infer.errors import ConfigError
 from fine_infer.models import create
 from fine_infer.preprocess import preprocess_images
 from fine_infer.tokenization import encode
-from fine_infer.train import recipe_for, train_arch
-from fine_infer.train.__main__ import update_training_json
-from fine_infer.train.data import PRODUCTS, TrainData, catalogue_split
-from fine_infer.train.loop import lr_at
-from fine_infer.train.objectives import OBJECTIVES
+from fine_infer.tools.train import recipe_for, train_arch
+from fine_infer.tools.train.__main__ import update_training_json
+from fine_infer.tools.train.data import PRODUCTS, TrainData, catalogue_split
+from fine_infer.tools.train.loop import lr_at
+from fine_infer.tools.train.objectives import OBJECTIVES
 
 N_TRAIN = 256
 QUICK_STEPS = {"attributes": 40, "triplet": 40, "maaf": 40, "fashion-fine": 60}  # fashion-fine leaves its
@@ -232,17 +232,17 @@ def test_short_run_learns_is_reproducible_and_saves_the_zoo_keys(arch, runs):
 
 
 def test_training_cli_writes_weights_and_merges_training_json(tmp_path, runs):
-    """``python -m fine_infer.train`` with the shipped recipe's data (4000 items) and 10 steps, two archs in one
+    """``python -m fine_infer.tools.train`` with the shipped recipe's data (4000 items) and 10 steps, two archs in one
     invocation, into a folder whose TRAINING.json already has another arch's entry: every entry is kept."""
     out = tmp_path / "weights"
     prior = runs("maaf")[0].record()
     update_training_json(out, "maaf", prior)
-    r = subprocess.run([sys.executable, "-m", "fine_infer.train", "--arch", "triplet", "--arch", "attributes",
+    r = subprocess.run([sys.executable, "-m", "fine_infer.tools.train", "--arch", "triplet", "--arch", "attributes",
                         "--steps", "10", "--out", str(out), "--no-eval"],
                        capture_output=True, text=True, check=False, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "TRAINING.json").read_text())
-    assert "python -m fine_infer.train" in doc["about"]
+    assert "python -m fine_infer.tools.train" in doc["about"]
     assert list(doc["archs"]) == ["attributes", "maaf", "triplet"]  # merged, sorted
     assert doc["archs"]["maaf"] == json.loads(json.dumps(prior))  # untouched
     for arch in ("attributes", "triplet"):
@@ -264,7 +264,7 @@ def test_training_cli_writes_weights_and_merges_training_json(tmp_path, runs):
 def test_retraining_fashion_fine_reproduces_the_shipped_numbers():
     """The shipped recipe and seed, with the thread count TRAINING.json records, give the recorded held-out
     text→image Recall@10 within a point."""
-    from fine_infer.evaluate import HEADLINE
+    from fine_infer.tools.evaluate import HEADLINE
     from fine_infer.models._checkpoint import WEIGHTS_DIR
 
     entry = json.loads((WEIGHTS_DIR / "TRAINING.json").read_text())["archs"]["fashion-fine"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fine_infer.train.losses import (
+from fine_infer.tools.train.losses import (
     batch_softmax_loss,
     focal_contrastive_rows,
     hnm_f_loss,

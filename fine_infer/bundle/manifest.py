@@ -1,0 +1,111 @@
+"""The manifest of a bundle (``manifest.json``): graphs with their signatures and variants, preprocessing, config,
+a sha256 per file, tool versions and the validation report."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from fine_infer.errors import BundleError
+from fine_infer.specs import GraphSpec, ImagePreprocess, TextPreprocess
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that matter for reproducing an export (absent packages are left out)."""
+    out = {"python": platform.python_version()}
+    for pkg in ("fine-infer", "torch", "onnx", "onnxscript", "onnxruntime", "tokenizers", "numpy", "triton"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class GraphEntry:
+    """One graph of a bundle: its spec and the file (relative to the bundle) holding it."""
+
+    spec: GraphSpec
+    file: str
+    opset: int | None = None
+    variants: dict[str, str] = field(default_factory=dict)  # e.g. {"fp16": "image.fp16.onnx"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "opset": self.opset, "variants": dict(self.variants), **self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphEntry":
+        return cls(GraphSpec.from_dict(d), d["file"], d.get("opset"), dict(d.get("variants", {})))
+
+
+@dataclass
+class Manifest:
+    """The parsed ``manifest.json``."""
+
+    graphs: dict[str, GraphEntry]
+    files: dict[str, str]
+    arch: str | None = None
+    preset: str | None = None
+    config: dict[str, Any] | None = None
+    source: str | None = None  # "zoo" or the user's "pkg.mod:factory"
+    embed_dim: int | None = None
+    image: ImagePreprocess | None = None
+    text: TextPreprocess | None = None
+    tokenizer: str | None = None
+    weights: str | None = None
+    class_labels: dict[str, list[str]] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "arch": self.arch,
+            "preset": self.preset,
+            "source": self.source,
+            "config": self.config,
+            "embed_dim": self.embed_dim,
+            "preprocess": {
+                "image": self.image.to_dict() if self.image else None,
+                "text": self.text.to_dict() if self.text else None,
+            },
+            "tokenizer": self.tokenizer,
+            "weights": self.weights,
+            "class_labels": self.class_labels,
+            "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
+            "files": dict(sorted(self.files.items())),
+            "versions": self.versions,
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version!r} is not supported by this fine-infer (reads {FORMAT_VERSION}); "
+                "re-export the bundle with this version"
+            )
+        pre = d.get("preprocess") or {}
+        return cls(
+            graphs={name: GraphEntry.from_dict(g) for name, g in d["graphs"].items()},
+            files=dict(d["files"]),
+            arch=d.get("arch"),
+            preset=d.get("preset"),
+            config=d.get("config"),
+            source=d.get("source"),
+            embed_dim=d.get("embed_dim"),
+            image=ImagePreprocess.from_dict(pre["image"]) if pre.get("image") else None,
+            text=TextPreprocess.from_dict(pre["text"]) if pre.get("text") else None,
+            tokenizer=d.get("tokenizer"),
+            weights=d.get("weights"),
+            class_labels=d.get("class_labels"),
+            versions=d.get("versions", {}),
+            validation=d.get("validation", {}),
+        )

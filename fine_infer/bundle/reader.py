@@ -1,0 +1,86 @@
+"""Opening a bundle: parse its manifest and verify every file's sha256 before anything is loaded from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fine_infer.bundle.manifest import MANIFEST, GraphEntry, Manifest
+from fine_infer.errors import BundleError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A verified bundle on disk: its folder and manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    def file(self, name: str) -> Path:
+        """Absolute path of a file listed in the manifest."""
+        if name not in self.manifest.files:
+            raise BundleError(f"bundle {self.path} lists no file {name!r}")
+        return self.path / name
+
+    def graph(self, name: str) -> GraphEntry:
+        """The entry of graph ``name``; unknown names list the bundle's graphs."""
+        if name not in self.manifest.graphs:
+            raise BundleError(f"bundle {self.path} has no graph {name!r}; it has: {', '.join(self.manifest.graphs)}")
+        return self.manifest.graphs[name]
+
+    def graph_for_task(self, task: str) -> GraphEntry:
+        """The graph that performs ``task`` (``embed_image``, ``embed_text``, ``compose`` or ``classify``)."""
+        for g in self.manifest.graphs.values():
+            if g.spec.task == task:
+                return g
+        have = ", ".join(f"{n} ({g.spec.task})" for n, g in self.manifest.graphs.items())
+        raise BundleError(f"bundle {self.path} ({self.manifest.arch or self.manifest.source}) cannot {task}; graphs: {have}")
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse ``manifest.json`` of a bundle folder without verifying the other files."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} does not exist or is not a directory")
+    if not mpath.is_file():
+        raise BundleError(f"{path} is not a bundle: it has no {MANIFEST} (export one with `fine-infer export`)")
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+        return Manifest.from_dict(data)
+    except BundleError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{mpath} is damaged ({type(exc).__name__}: {exc}); re-export the bundle") from None
+
+
+def verify_files(path: str | Path, manifest: Manifest) -> None:
+    """Check every listed file exists and matches its sha256; raise :class:`BundleError` naming the first bad one."""
+    path = Path(path)
+    for name, digest in manifest.files.items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise BundleError(f"bundle {path} is incomplete: {name} is missing")
+        if sha256_file(fpath) != digest:
+            raise BundleError(
+                f"bundle {path}: {name} does not match its checksum (modified or truncated); re-export the bundle"
+            )
+
+
+def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open a bundle, verifying every file's checksum unless ``verify=False``."""
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    return Bundle(Path(path), manifest)

@@ -1,0 +1,77 @@
+"""The fine-infer command line: a thin layer over the Python API.
+
+One entry point, :func:`main` (the ``fine-infer`` console script, or ``python -m fine_infer.cli``). Each command group
+lives in a module of this package with a ``register(add)`` function; the modules import their heavy dependencies
+only when a command runs, so one missing extra never takes the whole CLI down. Every command prints one clear line
+and exits non-zero on a :class:`~fine_infer.errors.FineInferError` (``--debug`` shows the traceback); a missing
+optional dependency names the extra that installs it. Nothing imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from fine_infer.errors import FineInferError
+
+# Command-group modules, in the order their commands are listed by --help.
+COMMAND_MODULES = ("export", "search", "demo", "eval", "deploy", "serve", "bench", "tune")
+
+# Top-level module of a missing dependency -> the pyproject extra that installs it.
+_EXTRAS = {
+    "torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+    "onnxruntime": "runtime", "tokenizers": "runtime", "PIL": "runtime",
+    "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "pydantic": "serve", "multipart": "serve",
+    "prometheus_client": "serve", "httpx": "serve", "matplotlib": "serve", "tqdm": "serve",
+    "triton": "kernels", "openvino": "openvino", "tensorrt": "tensorrt", "tritonclient": "test",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(prog="fine-infer", description="The fine-infer command line: export, validate, run, "
+                                "index, search, serve and benchmark fashion retrieval models.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=fn.__doc__)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"fine_infer.cli.{name}").register(add)
+    return p
+
+
+def _extra_for(exc: ImportError) -> str:
+    """The extra that provides the module ``exc`` failed to import (``all`` when unknown)."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    return _EXTRAS.get(top, "all")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fine-infer`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except FineInferError as exc:
+        if args.debug:
+            raise
+        print(f"fine-infer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if args.debug:
+            raise
+        print(f"fine-infer {args.command}: error: missing dependency ({exc}); "
+              f"install the extra it needs: pip install 'fine-infer[{_extra_for(exc)}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main"]

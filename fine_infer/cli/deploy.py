@@ -1,0 +1,130 @@
+"""Deployment commands of the ``fine-infer`` CLI: ``lint``, ``build-engine``, ``triton-repo``.
+
+Registered by :func:`add_commands`, called from ``fine_infer.cli.build_parser``. Like the other commands they are a
+thin layer over the Python API (``fine_infer.export.lint``, ``._tensorrt``, ``._triton_repo``), print one line
+per result, and raise :class:`fine_infer.errors.FineInferError` subclasses that ``cli.main`` turns into one-line
+errors with a non-zero exit. TensorRT is imported only by ``build-engine``, and on a machine without it that
+command fails with one line saying so while the others work.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fine_infer.cli._args import AddCommand, print_json
+from fine_infer.errors import ConfigError
+
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    """``"1,4,16"`` → (1, 4, 16) for --batch/--sequence."""
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX integers, got {text!r}") from None
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX (three integers), got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _axes(items: list[str] | None) -> dict[str, tuple[int, int, int]]:
+    """``--axis height=224,224,448`` (repeatable) → {"height": (224, 224, 448)}."""
+    out = {}
+    for item in items or []:
+        name, sep, rng = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--axis takes NAME=MIN,OPT,MAX, got {item!r}")
+        try:
+            out[name] = _triple(rng)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"--axis {item!r}: {exc}") from None
+    return out
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    """Check that TensorRT's ONNX parser takes a bundle's graphs (or one .onnx file): ops, dtypes, opset, dims."""
+    from fine_infer.export.lint import lint_bundle, lint_onnx
+
+    target = Path(args.target)
+    axes = {"batch", "sequence", *_axes(args.axis)}
+    if target.is_dir():
+        reports = lint_bundle(target, profile_axes=axes)
+    elif target.suffix == ".onnx" and target.is_file():
+        reports = {target.name: lint_onnx(target, profile_axes=axes)}
+    else:
+        raise ConfigError(f"{target} is neither a bundle folder nor an .onnx file")
+    if args.json:
+        print_json({name: r.to_dict() for name, r in reports.items()})
+    else:
+        for name, r in reports.items():
+            print(f"{name}: {r.summary()}")
+            for f in r.findings if args.verbose else r.errors[:5]:
+                print("  " + f.line())
+    return 0 if all(r.passed for r in reports.values()) else 1
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """Build TensorRT engines for a bundle's graphs on this device (profiles, timing cache) and record them."""
+    from fine_infer.export.engines import DEFAULT_BATCH, build_bundle_engines
+
+    infos = build_bundle_engines(
+        args.bundle, graphs=args.graphs, fp16=args.fp16, batch=args.batch or DEFAULT_BATCH, sequence=args.sequence,
+        axes=_axes(args.axis), timing_cache=args.timing_cache, workspace_mib=args.workspace, lint=not args.no_lint,
+        device=args.device,
+    )
+    if args.json:
+        print_json([i.to_dict() for i in infos])
+    else:
+        for i in infos:
+            print(f"built {i.engine} from {i.onnx}: {i.precision} ({i.typing}ly typed), TensorRT {i.tensorrt_version} "
+                  f"on {i.gpu} (sm {i.compute_capability}) in {i.seconds:.1f} s")
+    return 0
+
+
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    """Write an NVIDIA Triton Inference Server model repository (config.pbtxt with dynamic batching) for a bundle."""
+    from fine_infer.export.triton_repo import write_triton_repo
+
+    models = write_triton_repo(args.bundle, args.out, variant=args.variant, engines=not args.no_engines,
+                               max_batch_size=args.max_batch_size, force=args.force)
+    if args.json:
+        print_json(models)
+    else:
+        print(f"wrote {args.out}: " + ", ".join(f"{n} ({m['platform']})" for n, m in models.items()))
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    """Register ``lint``, ``build-engine`` and ``triton-repo`` with ``add(name, fn, help)`` from ``build_parser``."""
+    lint = add("lint", cmd_lint, "check a bundle or .onnx file against the TensorRT ONNX parser's supported ops")
+    lint.add_argument("target", help="bundle folder or .onnx file")
+    lint.add_argument("--axis", action="append", metavar="NAME=MIN,OPT,MAX",
+                      help="another dynamic axis an optimisation profile will cover (batch and sequence always are)")
+    lint.add_argument("--verbose", action="store_true", help="print every finding, warnings too")
+    lint.add_argument("--json", action="store_true", help="print the lint reports as JSON")
+
+    be = add("build-engine", cmd_build_engine, "build TensorRT engines for a bundle on this GPU")
+    be.add_argument("bundle")
+    be.add_argument("--fp16", action="store_true",
+                    help="fp16 engines: from the bundle's fp16 graphs (export --fp16; required on TensorRT 11)")
+    be.add_argument("--graphs", nargs="+", help="only these graphs (default: all)")
+    be.add_argument("--batch", type=_triple, metavar="MIN,OPT,MAX", help="batch profile (default 1,4,16)")
+    be.add_argument("--sequence", type=_triple, metavar="MIN,OPT,MAX",
+                    help="sequence profile (default 1,MAX,MAX with the bundle's max text length)")
+    be.add_argument("--axis", action="append", metavar="NAME=MIN,OPT,MAX", help="profile of another dynamic axis")
+    be.add_argument("--timing-cache", help="timing cache file to reuse and update (default: one kept in the bundle)")
+    be.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
+    be.add_argument("--device", type=int, default=0, help="CUDA device index")
+    be.add_argument("--no-lint", action="store_true", help="skip the TensorRT lint before building")
+    be.add_argument("--json", action="store_true", help="print the engine records as JSON")
+
+    tr = add("triton-repo", cmd_triton_repo, "write a Triton Inference Server model repository for a bundle")
+    tr.add_argument("bundle")
+    tr.add_argument("--out", required=True, help="repository folder to write")
+    tr.add_argument("--variant", choices=["fp32", "fp16", "int8", "cpu-opt"], default=None,
+                    help="which graph variant to serve (default: the portable fp32 graph, or its engine)")
+    tr.add_argument("--no-engines", action="store_true", help="serve ONNX even where the bundle has a TensorRT engine")
+    tr.add_argument("--max-batch-size", type=int, default=16, help="Triton max_batch_size (default 16)")
+    tr.add_argument("--force", action="store_true", help="replace an existing repository")
+    tr.add_argument("--json", action="store_true", help="print what was written as JSON")

@@ -1,0 +1,167 @@
+"""``export``, ``validate`` and ``info``: make a bundle, check it, describe it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from fine_infer.cli._args import AddCommand, print_json
+from fine_infer.errors import ConfigError
+
+
+def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a zoo arch or a user module to a bundle, behind the checker and parity gates."""
+    from fine_infer.export import GateFailure, export_arch, export_module, load_factory, parse_dynamic_axes
+
+    if bool(args.arch) == bool(args.module):
+        raise ConfigError("give exactly one of --arch (a zoo arch) or --module (pkg.mod:factory)")
+    variants = [*(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []),
+                *(["cpu-opt"] if args.optimize == "cpu" else [])]
+    if args.module and args.recall_gate:
+        raise ConfigError("--recall-gate evaluates zoo archs on the generated catalogue; it does not apply to --module")
+    if args.triton_repo and Path(args.triton_repo).resolve() == Path(args.out).resolve():
+        raise ConfigError("--triton-repo must be a folder other than --out")
+    common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
+                  lint=args.lint)
+    try:
+        if args.arch:
+            from fine_infer.tools.recall import default_checks
+
+            report = export_arch(
+                args.arch, args.out, args.preset, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                checks=default_checks(args.pretrained, args.recall_gate),
+                overrides=_parse_overrides(args.set), graphs=args.graphs, include_weights=not args.no_weights, **common,
+            )
+        else:
+            module, example = load_factory(args.module)
+            report = export_module(
+                module, example, args.out, dynamic_axes=parse_dynamic_axes(args.dynamic_axis), source=args.module,
+                graph_name=args.graph_name, **common,
+            )
+    except GateFailure as failure:
+        if args.json:
+            print_json(failure.report.to_dict())
+        raise
+    repo = None
+    if args.triton_repo:
+        from fine_infer.export.triton_repo import write_triton_repo
+
+        repo = write_triton_repo(args.out, args.triton_repo, force=args.force)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(f"wrote {args.out} in {report.seconds:.1f} s; every gate passed")
+        for line in report.summary_lines():
+            print("  " + line)
+        if repo is not None:
+            print(f"wrote Triton Inference Server model repository {args.triton_repo}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Verify a bundle's checksums and re-run parity (ONNX Runtime vs PyTorch) on fresh random inputs."""
+    from fine_infer.tools.validate import validate_bundle
+
+    report = validate_bundle(args.bundle, atol=args.atol, backends=args.backend or (), record=not args.no_record)
+    if args.json:
+        print_json(report)
+    else:
+        print(f"{args.bundle}: checksums ok; " + report["summary"])
+    return 0 if report["passed"] else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a bundle: arch, graphs with their inputs/outputs, preprocessing, versions, validation."""
+    from fine_infer.bundle import read_bundle
+
+    bundle = read_bundle(args.bundle, verify=not args.no_verify)
+    m = bundle.manifest
+    if args.json:
+        print_json(m.to_dict())
+        return 0
+    print(f"bundle   {bundle.path}  (format {m.format_version}, checksums {'verified' if not args.no_verify else 'not checked'})")
+    print(f"source   {m.arch or m.source}" + (f" preset {m.preset}" if m.preset else "") +
+          (f", embedding dim {m.embed_dim}" if m.embed_dim else ""))
+    for name, g in m.graphs.items():
+        sig = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.inputs)
+        outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.outputs)
+        print(f"graph    {name} [{g.spec.task}] {g.file} opset {g.opset}: ({sig}) -> ({outs})")
+        if g.variants:
+            print("variants " + ", ".join(f"{v} {f}" for v, f in g.variants.items()))
+    if m.image:
+        i = m.image
+        print(f"images   resize {i.resize} {i.size} {i.interpolation}, crop {i.crop}, mean {i.mean}, std {i.std}")
+    if m.text:
+        t = m.text
+        print(f"text     {t.tokenizer}, max {t.max_length} tokens, padding {t.padding}")
+    v = m.validation
+    if v:
+        print(f"gates    {'passed' if v.get('passed') else 'FAILED'} at atol {v.get('tolerance', {}).get('atol')}, "
+              f"batches {v.get('batch_sizes')}")
+    from fine_infer.runtime.choice import describe
+
+    for line in describe(bundle):
+        print(line)
+    print("versions " + ", ".join(f"{k} {val}" for k, val in m.versions.items()))
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    """Register ``export``, ``validate`` and ``info``."""
+    e = add("export", cmd_export, "export a zoo arch or a user module to a bundle (ONNX + manifest)")
+    src = e.add_argument_group("source (one of)")
+    src.add_argument("--arch", help="zoo arch: fashion-fine, maaf, raf, triplet, attributes")
+    src.add_argument("--module", help="user encoder as pkg.mod:factory; factory() returns (module, {name: tensor})")
+    e.add_argument("--preset", default="tiny", help="tiny (seconds on CPU) or paper (the publication's sizes)")
+    e.add_argument("--checkpoint", help="weights: .safetensors or a torch file (loaded with weights_only=True)")
+    e.add_argument("--pretrained", action="store_true", help="load the weights shipped with the package")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    e.add_argument("--graphs", nargs="+", help="export only these graphs (default: all of the arch)")
+    e.add_argument("--dynamic-axis", action="append", metavar="NAME:DIM[=AXIS]",
+                   help="with --module: make dim DIM of input NAME dynamic (axis 0 always is)")
+    e.add_argument("--graph-name", default="model", help="with --module: the graph's name in the bundle")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    e.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"], help="torch.onnx exporter")
+    e.add_argument("--atol", type=float, default=None, help="parity gate: max abs error (default 1e-4)")
+    e.add_argument("--no-weights", action="store_true", help="leave weights.safetensors out (no torch backend)")
+    e.add_argument("--json", action="store_true", help="print the export report as JSON")
+    dep = e.add_argument_group("deployment variants (each written beside the fp32 graph behind its own gate)")
+    dep.add_argument("--fp16", action="store_true", help="fp16 graph for GPUs/TensorRT (gate: cosine ≥ 0.999)")
+    dep.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 graph (gate: cosine ≥ 0.99)")
+    dep.add_argument("--optimize", choices=["cpu"], help="cpu: ONNX Runtime transformer fusions (gate: 1e-4)")
+    dep.add_argument("--lint", action="store_true", help="gate on TensorRT's ONNX operator support (fp32 and fp16)")
+    dep.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository")
+    e.add_argument("--recall-gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="gate on catalogue Recall@10 (fp32 and fp16 within 0.5 points of PyTorch); "
+                        "default: on with --pretrained")
+
+    v = add("validate", cmd_validate, "verify checksums and re-run the parity gate on fresh inputs")
+    v.add_argument("bundle")
+    v.add_argument("--atol", type=float, default=None)
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--backend", nargs="+", choices=["onnxruntime", "openvino"],
+                   help="also run the precision gate of each CPU path of these backends (fp32, int8, cpu-opt; "
+                        "OpenVINO f32, bf16) and record it in the manifest")
+    v.add_argument("--no-record", action="store_true", help="with --backend: report the gates, do not record them")
+
+    i = add("info", cmd_info, "describe a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the manifest")
+    i.add_argument("--no-verify", action="store_true", help="skip checksum verification")
