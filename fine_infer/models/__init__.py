@@ -3,8 +3,8 @@
 ``create(arch, preset="tiny"|"paper", **overrides)`` builds any registered arch; ``list_archs()`` names them.
 """
 
+from fine_infer.models._builder import ZooModel
 from fine_infer.models._registry import (
-    ZooModel,
     config_from_dict,
     config_to_dict,
     create,

@@ -1,125 +1,25 @@
-"""The model-family registry: specs every arch declares, the base class, and ``create``.
+"""The model-family registry: archs by name, their presets and configs, and ``create``.
 
-An arch is registered once with its presets (``tiny`` and ``paper``) and a builder. Every built model is a
-:class:`ZooModel`: an ``nn.Module`` that also declares its inference graphs (named inputs and outputs), its
-preprocessing and its tokenizer. Export, the runtime's torch backend and the tests read only these declarations,
-so a new arch needs no change anywhere else.
+An arch is registered once, by its family module, with its presets (``tiny`` and ``paper``). Every built model is
+a :class:`~fine_infer.models._builder.ZooModel`: an ``nn.Module`` that also declares its inference graphs (named
+inputs and outputs), its preprocessing and its tokenizer. Export, the runtime's torch backend and the tests read
+only these declarations, and every public module of this package is a family found at first use, so a new arch
+needs no change anywhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
-
-import torch
-from torch import nn
+from typing import Any, Callable
 
 from fine_infer.errors import ConfigError
-from fine_infer.specs import GraphSpec, ImagePreprocess, TextPreprocess
-
-
-class ZooModel(nn.Module):
-    """Base class of every registered arch.
-
-    Subclasses set ``arch`` and implement :meth:`graphs`, :meth:`graph_module` and, where they read text,
-    :meth:`build_tokenizer`. ``config`` is the arch's frozen config dataclass.
-    """
-
-    arch: ClassVar[str] = ""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-
-    # --- declarations -------------------------------------------------------------------------------------------
-    def graphs(self) -> dict[str, GraphSpec]:
-        """The inference graphs this model exports, by name (e.g. ``image`` and ``text``)."""
-        raise NotImplementedError  # abstract
-
-    def graph_module(self, name: str) -> nn.Module:
-        """An ``nn.Module`` whose ``forward`` takes the graph's inputs positionally, in spec order, and returns
-        its outputs (one tensor, or a tuple in spec order). It shares this model's parameters."""
-        raise NotImplementedError  # abstract
-
-    @property
-    def image_preprocess(self) -> ImagePreprocess | None:
-        """How raw images become the ``pixels`` input, or None for a text-only model."""
-        return None
-
-    @property
-    def text_preprocess(self) -> TextPreprocess | None:
-        """How strings become ``input_ids``/``attention_mask``, or None for an image-only model."""
-        return None
-
-    def build_tokenizer(self):  # -> tokenizers.Tokenizer | None
-        """The ``tokenizers.Tokenizer`` matching :attr:`text_preprocess` (None for image-only models)."""
-        return None
-
-    @property
-    def class_labels(self) -> dict[str, list[str]] | None:
-        """For classifiers: per output name, the label of each logit (None for embedding models)."""
-        return None
-
-    @property
-    def embed_dim(self) -> int | None:
-        """Dimension of the L2-normalised embeddings (None for classifiers)."""
-        return None
-
-    # --- helpers shared by every arch ---------------------------------------------------------------------------
-    def graph(self, name: str) -> GraphSpec:
-        """The spec of one graph; unknown names are a :class:`ConfigError` listing the known ones."""
-        graphs = self.graphs()
-        if name not in graphs:
-            raise ConfigError(f"arch {self.arch!r} has no graph {name!r}; it has: {', '.join(graphs)}")
-        return graphs[name]
-
-    def example_inputs(
-        self, name: str, batch: int = 2, seq_len: int | None = None, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Fresh random, valid inputs for graph ``name``: normalised-looking pixels, token ids inside the
-        vocabulary, attention masks with ragged lengths (every row keeps at least its first two tokens)."""
-        spec = self.graph(name)
-        text = self.text_preprocess
-        L = seq_len or (text.max_length if text else 16)
-        out: dict[str, torch.Tensor] = {}
-        lengths = None
-        for t in spec.inputs:
-            shape = [batch if d == "batch" else (L if d == "sequence" else d) for d in t.shape]
-            if t.name == "input_ids":
-                vocab = self.config.vocab_size
-                out[t.name] = torch.randint(text.first_word_id if text else 0, vocab, shape, generator=generator)
-            elif t.name == "attention_mask":
-                lengths = torch.randint(min(2, L), L + 1, (batch,), generator=generator)
-                lengths[0] = L  # one full row so the padded positions are exercised both ways
-                out[t.name] = (torch.arange(L)[None, :] < lengths[:, None]).to(torch.int64)
-            elif t.dtype.startswith("float"):
-                out[t.name] = torch.randn(shape, generator=generator)
-            else:
-                raise ConfigError(f"no example generator for input {t.name!r} of {self.arch}:{name}")
-        if lengths is not None and "input_ids" in out:
-            ids = out["input_ids"]
-            valid = out["attention_mask"].bool()
-            if text is not None:
-                ids = torch.where(valid, ids, torch.full_like(ids, text.pad_id))
-            out["input_ids"] = ids
-        return out
-
-    def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
-        """Load weights (``.safetensors`` or a ``torch.save`` file read with ``weights_only=True``).
-
-        The arch's :meth:`checkpoint_filter` maps official key layouts to ours first; a key mismatch raises
-        :class:`fine_infer.errors.CheckpointError` listing the missing and unexpected keys."""
-        from fine_infer.models._checkpoint import load_state_dict_file, apply_state_dict
-
-        state = load_state_dict_file(path)
-        state = self.checkpoint_filter(state)
-        apply_state_dict(self, state, strict=strict, source=str(path))
-
-    def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map an official checkpoint's keys/shapes onto this module's (identity unless overridden)."""
-        return state
+from fine_infer.models._builder import ZooModel
+from fine_infer.models._checkpoint import shipped_weights
 
 
 @dataclass(frozen=True)
@@ -144,13 +44,23 @@ def register(
         raise ConfigError(f"arch {name!r} is registered twice")
     if not {"tiny", "paper"} <= set(presets):
         raise ConfigError(f"arch {name!r} must define 'tiny' and 'paper' presets")
+    methods = model_cls.graph_methods.values()
+    if not methods or not all(callable(getattr(model_cls, m, None)) for m in methods):
+        raise ConfigError(
+            f"arch {name!r} must map each graph to one of its methods; graph_methods is {dict(model_cls.graph_methods)}"
+        )
     model_cls.arch = name
     _REGISTRY[name] = ArchEntry(name, model_cls, presets, description, source)
 
 
+@functools.cache
 def _ensure_loaded() -> None:
-    # Importing the family modules registers them; done lazily so `import fine_infer.models` stays cheap.
-    from fine_infer.models import attributes, fashion_fine, maaf, raf, triplet  # noqa: F401
+    # Importing a family module registers it. Families are found, not listed (a new one needs no edit here), and
+    # imported at first use, so `import fine_infer.models` stays cheap; `_`-modules are shared plumbing.
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{module.name}")
 
 
 def list_archs() -> list[str]:
@@ -177,7 +87,9 @@ def make_config(arch: str, preset: str = "tiny", **overrides: Any) -> Any:
         names = {f.name for f in dataclasses.fields(config)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ConfigError(f"unknown config field(s) for {arch}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown config field(s) for {arch}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            )
         config = dataclasses.replace(config, **overrides)
     return config
 
@@ -190,7 +102,11 @@ def config_from_dict(arch: str, values: dict[str, Any]) -> Any:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"config for {arch} has unknown field(s): {', '.join(unknown)}")
-    fixed = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v) for k, v in values.items()}
+    # JSON turned the config's tuples (and tuples of tuples) into lists; frozen configs compare as tuples.
+    fixed = {
+        k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
+        for k, v in values.items()
+    }
     return dataclasses.replace(base, **fixed)
 
 
@@ -217,8 +133,6 @@ def create(
     config = make_config(arch, preset, **overrides)
     model = entry.model_cls(config)
     if pretrained:
-        from fine_infer.models._checkpoint import shipped_weights
-
         model.load_checkpoint(shipped_weights(arch, preset))
     if checkpoint is not None:
         model.load_checkpoint(checkpoint)
@@ -227,7 +141,6 @@ def create(
 
 __all__ = [
     "ArchEntry",
-    "ZooModel",
     "config_from_dict",
     "config_to_dict",
     "create",

@@ -33,14 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fine_infer.catalogue import CATEGORIES, COLOURS, PATTERNS
 from fine_infer.errors import ConfigError
-from fine_infer.models._registry import ZooModel, register
+from fine_infer.labels import CATEGORIES, COLOURS, PATTERNS
+from fine_infer.models._builder import ZooModel
+from fine_infer.models._registry import register
 from fine_infer.specs import IMAGENET_MEAN, IMAGENET_STD, GraphSpec, ImagePreprocess, TensorSpec
 
 Head = tuple[str, tuple[str, ...], int]  # (head name, class labels, branch stage index)
 
-# The fashion label sets are the generated catalogue's (one definition; fine_infer.catalogue imports no torch).
+# The fashion label sets (fine_infer.labels, shared with the generated catalogue) under the names the presets use.
 FASHION_CATEGORIES: tuple[str, ...] = CATEGORIES
 FASHION_COLOURS: tuple[str, ...] = COLOURS
 FASHION_PATTERNS: tuple[str, ...] = PATTERNS
@@ -141,6 +142,7 @@ class AttributesNet(ZooModel):
     """
 
     config: AttributesConfig
+    graph_methods = {"attributes": "classify"}
 
     def __init__(self, config: AttributesConfig) -> None:
         super().__init__(config)
@@ -181,11 +183,6 @@ class AttributesNet(ZooModel):
             )
         }
 
-    def graph_module(self, name: str) -> nn.Module:
-        """The ``attributes`` graph as a module sharing this model's parameters."""
-        self.graph(name)  # unknown names raise ConfigError
-        return _AttributesGraph(self)
-
     @property
     def image_preprocess(self) -> ImagePreprocess:
         """Resize the shorter side to S (bilinear), centre-crop S×S, ImageNet mean/std."""
@@ -202,17 +199,6 @@ class AttributesNet(ZooModel):
     def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Strip a DataParallel ``module.`` prefix; our own layout passes through."""
         return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-class _AttributesGraph(nn.Module):
-    """``attributes`` graph: pixels → tuple of per-head logits, sharing the model's parameters."""
-
-    def __init__(self, model: AttributesNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model.classify(pixels)
 
 
 def _validate(config: AttributesConfig) -> None:

@@ -38,7 +38,8 @@ from torch import nn
 from fine_infer import kernels
 from fine_infer.errors import CheckpointError, ConfigError
 from fine_infer.models._bert import BertModel
-from fine_infer.models._registry import ZooModel, register
+from fine_infer.models._builder import ZooModel
+from fine_infer.models._registry import register
 from fine_infer.models._vit import VisionTransformer, interpolate_pos_embed
 from fine_infer.specs import CLIP_MEAN, CLIP_STD, GraphSpec, ImagePreprocess, TensorSpec, TextPreprocess
 
@@ -101,6 +102,7 @@ class FashionFine(ZooModel):
     """Fashion-FINE dual encoder: ``image`` (pixels → embedding) and ``text`` (ids, mask → embedding) graphs."""
 
     config: FashionFineConfig
+    graph_methods = {"image": "embed_image", "text": "embed_text"}
 
     def __init__(self, config: FashionFineConfig) -> None:
         super().__init__(config)
@@ -169,11 +171,6 @@ class FashionFine(ZooModel):
             ),
         }
 
-    def graph_module(self, name: str) -> nn.Module:
-        """A module sharing this model's parameters whose forward takes the graph's inputs positionally."""
-        self.graph(name)  # unknown names raise ConfigError
-        return _ImageGraph(self) if name == "image" else _TextGraph(self)
-
     @property
     def image_preprocess(self) -> ImagePreprocess:
         """Straight bicubic resize to S×S (no crop) and CLIP mean/std, as the official transforms."""
@@ -186,24 +183,6 @@ class FashionFine(ZooModel):
         return TextPreprocess(
             tokenizer="wordpiece", max_length=self.config.max_text_len, padding="max_length", pad_id=0, first_word_id=5
         )
-
-    def build_tokenizer(self):
-        """BERT WordPiece (built-in words unless ``config.vocab_file`` is a BERT ``vocab.txt``)."""
-        from fine_infer.tokenization import build_tokenizer, vocab_size
-
-        tok = build_tokenizer(self.text_preprocess, self.config.vocab_file)
-        n = vocab_size(tok)
-        if n > self.config.vocab_size:
-            raise ConfigError(
-                f"the Fashion-FINE tokenizer has {n} ids but the model's vocab_size is {self.config.vocab_size}; "
-                f"create the model with vocab_size={n}"
-            )
-        return tok
-
-    @property
-    def embed_dim(self) -> int:
-        """Dimension of the image and text embeddings."""
-        return self.config.embed_dim
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -239,30 +218,6 @@ class FashionFine(ZooModel):
 _DROP_TOP = {"temp", "itm_head"}  # contrastive temperature and image-text matching head: training only
 _DROP_PREFIXES = ("text_encoder.cls.", "text_encoder.pooler.", "text_encoder.bert.pooler.")
 _TEXT_LAYER = re.compile(r"text_encoder\.encoder\.layer\.(\d+)\.")
-
-
-class _ImageGraph(nn.Module):
-    """``image`` graph: pixels → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: FashionFine) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image embedding."""
-        return self.model.embed_image(pixels)
-
-
-class _TextGraph(nn.Module):
-    """``text`` graph: (input_ids, attention_mask) → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: FashionFine) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text embedding."""
-        return self.model.embed_text(input_ids, attention_mask)
 
 
 def _validate(c: FashionFineConfig) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fine_infer.errors import CheckpointError, ConfigError
+from fine_infer.models._builder import ZooModel
 from fine_infer.models._fusion import (
     NORM_KINDS,
     FusionEncoder,
@@ -36,7 +37,7 @@ from fine_infer.models._fusion import (
     rename_official_encoder_key,
 )
 from fine_infer.models._lstm_text import LSTMTextEncoder
-from fine_infer.models._registry import ZooModel, register
+from fine_infer.models._registry import register
 from fine_infer.models._resnet import ConvProjection, ResNet
 from fine_infer.specs import IMAGENET_MEAN, IMAGENET_STD, GraphSpec, ImagePreprocess, TensorSpec, TextPreprocess
 
@@ -108,6 +109,7 @@ class MAAF(ZooModel):
     """The MAAF composition model: ``compose`` (image + text → query) and ``gallery`` (image → target)."""
 
     config: MAAFConfig
+    graph_methods = {"compose": "compose", "gallery": "gallery"}
 
     def __init__(self, config: MAAFConfig) -> None:
         super().__init__(config)
@@ -146,10 +148,6 @@ class MAAF(ZooModel):
             "gallery": GraphSpec("gallery", "embed_image", (pixels,), (emb,)),
         }
 
-    def graph_module(self, name: str) -> nn.Module:
-        self.graph(name)  # unknown names raise ConfigError
-        return _ComposeGraph(self) if name == "compose" else _GalleryGraph(self)
-
     @property
     def image_preprocess(self) -> ImagePreprocess:
         S = self.config.image_size
@@ -162,23 +160,6 @@ class MAAF(ZooModel):
         return TextPreprocess(
             tokenizer="word", max_length=self.config.max_text_length, padding="longest", pad_id=0, first_word_id=2
         )
-
-    def build_tokenizer(self):
-        """The word tokenizer (built-in words unless ``config.vocab_file``); its ids must fit ``vocab_size``."""
-        from fine_infer.tokenization import build_tokenizer, vocab_size
-
-        tok = build_tokenizer(self.text_preprocess, self.config.vocab_file)
-        n = vocab_size(tok)
-        if n > self.config.vocab_size:
-            raise ConfigError(
-                f"the MAAF tokenizer has {n} ids but the model's vocab_size is {self.config.vocab_size}; "
-                f"create the model with vocab_size={n}"
-            )
-        return tok
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,28 +179,6 @@ class MAAF(ZooModel):
                 )
             out[key] = permute_official_embedding(out[key], self.build_tokenizer(), self.config.vocab_file)
         return out
-
-
-class _ComposeGraph(nn.Module):
-    """``compose`` graph: (pixels, input_ids, attention_mask) → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: MAAF) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.compose(pixels, input_ids, attention_mask)
-
-
-class _GalleryGraph(nn.Module):
-    """``gallery`` graph: pixels → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: MAAF) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.gallery(pixels)
 
 
 def _validate(config: MAAFConfig) -> None:

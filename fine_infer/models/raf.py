@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fine_infer.errors import ConfigError
+from fine_infer.models._builder import ZooModel
 from fine_infer.models._clip_text import ClipTextTransformer
 from fine_infer.models._fusion import (
     NORM_KINDS,
@@ -40,7 +41,7 @@ from fine_infer.models._fusion import (
     pool_image,
     rename_official_encoder_key,
 )
-from fine_infer.models._registry import ZooModel, register
+from fine_infer.models._registry import register
 from fine_infer.models._resnet import ConvProjection, ModifiedResNet
 from fine_infer.specs import CLIP_MEAN, CLIP_STD, GraphSpec, ImagePreprocess, TensorSpec, TextPreprocess
 
@@ -139,6 +140,7 @@ class RAF(ZooModel):
     """Residual attention fusion on CLIP RN50: ``compose`` (image + text → query), ``gallery`` (image → target)."""
 
     config: RAFConfig
+    graph_methods = {"compose": "compose", "gallery": "gallery"}
 
     def __init__(self, config: RAFConfig) -> None:
         super().__init__(config)
@@ -179,10 +181,6 @@ class RAF(ZooModel):
             "gallery": GraphSpec("gallery", "embed_image", (pixels,), (emb,)),
         }
 
-    def graph_module(self, name: str) -> nn.Module:
-        self.graph(name)  # unknown names raise ConfigError
-        return _ComposeGraph(self) if name == "compose" else _GalleryGraph(self)
-
     @property
     def image_preprocess(self) -> ImagePreprocess:
         S = self.config.image_size
@@ -195,23 +193,6 @@ class RAF(ZooModel):
         return TextPreprocess(
             tokenizer="bpe", max_length=self.config.context_length, padding="longest", pad_id=0, first_word_id=3
         )
-
-    def build_tokenizer(self):
-        """CLIP-style BPE (trained on built-in words unless ``config.vocab_file`` is CLIP's merges file)."""
-        from fine_infer.tokenization import build_tokenizer, vocab_size
-
-        tok = build_tokenizer(self.text_preprocess, self.config.vocab_file)
-        n = vocab_size(tok)
-        if n > self.config.vocab_size:
-            raise ConfigError(
-                f"the RAF tokenizer has {n} ids but the model's vocab_size is {self.config.vocab_size}; "
-                f"create the model with vocab_size={n}"
-            )
-        return tok
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -235,28 +216,6 @@ class RAF(ZooModel):
                     stacklevel=3,
                 )
         return out
-
-
-class _ComposeGraph(nn.Module):
-    """``compose`` graph: (pixels, input_ids, attention_mask) → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: RAF) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.compose(pixels, input_ids, attention_mask)
-
-
-class _GalleryGraph(nn.Module):
-    """``gallery`` graph: pixels → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: RAF) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.gallery(pixels)
 
 
 def _validate(config: RAFConfig) -> None:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fine_infer.errors import ConfigError
-from fine_infer.models._registry import ZooModel, register
+from fine_infer.models._builder import ZooModel
+from fine_infer.models._registry import register
 from fine_infer.models._resnet import ResNet
 from fine_infer.specs import IMAGENET_MEAN, IMAGENET_STD, GraphSpec, ImagePreprocess, TensorSpec
 
@@ -46,6 +47,7 @@ class TripletNet(ZooModel):
     """ResNet trunk → global average pool → Linear → L2 norm. One graph, ``image``."""
 
     config: TripletConfig
+    graph_methods = {"image": "embed"}
 
     def __init__(self, config: TripletConfig) -> None:
         super().__init__(config)
@@ -72,20 +74,12 @@ class TripletNet(ZooModel):
             )
         }
 
-    def graph_module(self, name: str) -> nn.Module:
-        self.graph(name)  # unknown names raise ConfigError
-        return _ImageGraph(self)
-
     @property
     def image_preprocess(self) -> ImagePreprocess:
         S = self.config.image_size
         return ImagePreprocess(
             size=S, crop=S, resize="shorter", interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD
         )
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
 
     def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept a torchvision-layout ResNet (``conv1.*``, ``layer1.*``, …, ``fc.*`` = the embedding layer),
@@ -97,17 +91,6 @@ class TripletNet(ZooModel):
         for k, v in state.items():
             out[("embedding." + k[3:]) if k.startswith("fc.") else ("backbone." + k)] = v
         return out
-
-
-class _ImageGraph(nn.Module):
-    """``image`` graph: pixels → embedding, sharing the model's parameters."""
-
-    def __init__(self, model: TripletNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(pixels)
 
 
 register(

@@ -20,6 +20,7 @@ from fine_infer.models.attributes import (
     paper_config,
     tiny_config,
 )
+from fine_infer.tokenization import BUILTIN_WORDS
 
 
 def _tiny(seed: int = 0, **overrides) -> AttributesNet:
@@ -61,6 +62,7 @@ def test_graph_spec_labels_and_preprocessing():
         "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "beige",
     )
     assert FASHION_PATTERNS == ("solid", "stripes", "dots", "checks")
+    assert set(FASHION_CATEGORIES + FASHION_COLOURS + FASHION_PATTERNS) <= set(BUILTIN_WORDS)  # captions need no <unk>
     pre = model.image_preprocess
     assert (pre.size, pre.crop, pre.resize, pre.interpolation) == (64, 64, "shorter", "bilinear")
     assert pre.mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
