@@ -84,6 +84,22 @@ class Manifest:
             "validation": self.validation,
         }
 
+    def identity(self) -> str:
+        """What makes two bundles' embeddings comparable: a sha256 over each graph's task and fp32 file digest, the
+        tokenizer's digest and the preprocessing. It survives tune/validate/sign (they rewrite other parts of the
+        manifest) and changes with any re-export that changes a graph, the tokenizer or the preprocessing; an index
+        records it so a server can refuse an index built by another bundle."""
+        import hashlib
+        import json
+
+        doc = {
+            "graphs": {n: [g.spec.task, self.files.get(g.file)] for n, g in sorted(self.graphs.items())},
+            "tokenizer": self.files.get(self.tokenizer) if self.tokenizer else None,
+            "image": self.image.to_dict() if self.image else None,
+            "text": self.text.to_dict() if self.text else None,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         version = d.get("format_version")
