@@ -21,6 +21,11 @@ works without it. Every function takes an optional ``out=`` buffer. Masks are bo
 
 from __future__ import annotations
 
+if __name__ != "fine_infer.kernels":  # a bare `import kernels` found this folder: hand it on (fine_infer/_bare_import.py)
+    from fine_infer._bare_import import step_aside
+
+    step_aside(__name__, __file__)
+
 import torch
 
 from fine_infer.kernels import reference
