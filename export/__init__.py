@@ -14,6 +14,11 @@ finished bundle (the catalogue recall gate, :class:`fine_infer.tools.recall.Reca
 
 from __future__ import annotations
 
+if __name__ != "fine_infer.export":  # a bare `import export` found this folder: hand it on (fine_infer/_bare_import.py)
+    from fine_infer._bare_import import step_aside
+
+    step_aside(__name__, __file__)
+
 from pathlib import Path
 from typing import Any
 
