@@ -72,15 +72,21 @@ def _deploy_steps(
     lint: bool,
     batch_sizes: Sequence[int],
     gates: bool,
-) -> None:
-    """After the fp32 gates: write and gate the requested variants, then (``lint``) check the TensorRT-bound files
-    (fp32 and fp16) with the TensorRT op lint. A failure raises :class:`GateFailure` and nothing is written."""
+    drop_failed_variants: bool = False,
+) -> list[str]:
+    """After the fp32 gates: write and gate every requested variant, then (``lint``) check the TensorRT-bound files
+    (fp32 and fp16) with the TensorRT op lint. A failure raises :class:`GateFailure` and nothing is written; with
+    ``drop_failed_variants`` a variant whose gate failed is left out instead (see
+    :func:`fine_infer.export._variants.write_variants`). Returns the variants written."""
+    kept: list[str] = []
     if variants:
         from fine_infer.export._variants import write_variants
 
-        write_variants(writer.tmp, entries, jobs, variants, report=report, batch_sizes=batch_sizes, gates=gates)
+        rows = write_variants(writer.tmp, entries, jobs, variants, report=report, batch_sizes=batch_sizes,
+                              gates=gates, drop_failed=drop_failed_variants)
+        kept = [v for v in dict.fromkeys(variants) if not any(r.get("dropped") for r in rows if r["variant"] == v)]
     if not lint:
-        return
+        return kept
     from fine_infer.export.lint import lint_onnx
 
     axes = {a for job in jobs for t in job.spec.inputs for a in t.shape if isinstance(a, str)}
@@ -94,15 +100,20 @@ def _deploy_steps(
                 report.reason = (f"TensorRT lint of {fname} failed ({len(lint_report.errors)} errors); "
                                  f"first: {lint_report.errors[0].line()}")
                 raise GateFailure(report.reason, report)
+    return kept
 
 
 def _validation_block(report: ExportReport, tolerance: Tolerance, batch_sizes: Sequence[int]) -> dict[str, Any]:
+    from fine_infer.export._variants import dropped_variants
+
+    dropped = dropped_variants(report.graphs)  # variants left out by drop_failed_variants: why, per failed graph
     return {
         "passed": report.passed,
         "tolerance": {"atol": tolerance.atol, "min_topk": tolerance.min_topk, "k": tolerance.k},
         "batch_sizes": list(batch_sizes),
         "graphs": {n: {k: v for k, v in g.items() if k != "parity"} | {"parity": g.get("parity")}
                    for n, g in report.graphs.items()},
+        **({"dropped_variants": dropped} if dropped else {}),
     }
 
 
@@ -122,13 +133,16 @@ def export_model(
     variants: Sequence[str] = (),
     lint: bool = False,
     checks: Sequence[SealedCheck] = (),
+    drop_failed_variants: bool = False,
 ) -> ExportReport:
     """Export a zoo model (:class:`fine_infer.models.ZooModel`) to a bundle folder ``out``.
 
     Every graph is exported, checked with ``onnx.checker`` and compared with PyTorch at ``batch_sizes``; a
     failing gate raises :class:`GateFailure` (an :class:`ExportError`) and nothing is written. ``variants``
     (``fp16``, ``int8``, ``cpu-opt``) are written beside each graph behind their own gates; ``lint`` checks the
-    TensorRT-bound graphs against TensorRT's ONNX operator support. ``checks`` run on the sealed bundle before it is
+    TensorRT-bound graphs against TensorRT's ONNX operator support; every variant is gated before a failure fails the
+    export, and ``drop_failed_variants`` keeps the bundle without the failed ones instead (recorded in the manifest's
+    ``validation.dropped_variants``). ``checks`` run on the sealed bundle before it is
     moved into place (e.g. :class:`fine_infer.tools.recall.RecallCheck`, the catalogue recall gate); each result
     is recorded in the report and the manifest, and a failed one fails the export."""
     from fine_infer.models import config_to_dict
@@ -155,7 +169,8 @@ def export_model(
     ]
     with BundleWriter(out, force=force) as writer:
         entries = _run_jobs(jobs, writer, report, opset, exporter, tolerance, batch_sizes, gates)
-        _deploy_steps(writer, entries, jobs, report, variants, lint, batch_sizes, gates)
+        variants = _deploy_steps(writer, entries, jobs, report, variants, lint, batch_sizes, gates,
+                                 drop_failed_variants)
         tokenizer_file = None
         tok = model.build_tokenizer()
         if tok is not None:
@@ -274,6 +289,7 @@ def export_module(
     gates: bool = True,
     variants: Sequence[str] = (),
     lint: bool = False,
+    drop_failed_variants: bool = False,
 ) -> ExportReport:
     """Export any ``nn.Module`` with named example inputs to a one-graph bundle.
 
@@ -321,7 +337,7 @@ def export_module(
     report = ExportReport(str(out))
     with BundleWriter(out, force=force) as writer:
         entries = _run_jobs([job], writer, report, opset, exporter, tolerance, batch_sizes, gates)
-        _deploy_steps(writer, entries, [job], report, variants, lint, batch_sizes, gates)
+        _deploy_steps(writer, entries, [job], report, variants, lint, batch_sizes, gates, drop_failed_variants)
         report.seconds = time.perf_counter() - t0
         manifest = Manifest(graphs=entries, files={}, source=source, versions=tool_versions(),
                             embed_dim=outs[0].shape[-1] if isinstance(outs[0].shape[-1], int) else None,

@@ -22,6 +22,11 @@ provider runs fp16 nodes without an fp16 kernel in fp32 and removes the casts be
 ever stored in fp16 (a naive all-fp16 LayerNorm passes there). The fp16 gate therefore also runs the graph on
 ``onnx.reference`` (numpy; every value stored in fp16) at batches 1 and 3 (batch 1 only from 64 MB, not at all from
 256 MB: it takes ~18 s for a ResNet-50 at batch 1), gated on cosine; the ``gpu`` tests run fp16 on TensorRT.
+
+Every requested variant of every graph is gated before anything is decided, so a failure names all that passed and
+all that failed (:func:`gate_line`). A failed variant fails the export; with ``drop_failed`` (``export
+--drop-failed-variants``) it is left out of the bundle on every graph instead, and why is recorded in the manifest's
+``validation.dropped_variants``.
 """
 
 from __future__ import annotations
@@ -133,6 +138,78 @@ def check_variant_parity(
     return rows, seed, "; ".join(reasons)
 
 
+# The command-line flag that asks for each variant (the failure line says what to rerun).
+CLI_FLAGS = {"fp16": "--fp16", "int8": "--int8", "cpu-opt": "--optimize cpu"}
+
+
+def _gate_one(folder: Path, name: str, entry: GraphEntry, job: GraphJob, variant: str, gates: bool,
+              tol: Tolerance, batch_sizes: Sequence[int], seed: int | None) -> dict[str, Any]:
+    """Build, check and gate one (graph, variant); a build or checker error is a failed row, not an exception."""
+    fname = variant_file(name, variant)
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"graph": name, "variant": variant, "file": fname, "tensorrt": variant not in ORT_CPU_ONLY}
+    try:
+        row.update(_build(variant, folder / entry.file, folder / fname))
+        check_onnx(folder / fname)  # contrib-op domains are skipped by the checker, the rest is checked
+    except ExportError as exc:
+        row.update(passed=False, reason=str(exc).splitlines()[0], seed=None)
+    else:
+        row["checker"] = "passed"
+        if gates:
+            checks, used_seed, reason = check_variant_parity(job, folder / fname, variant, tol, batch_sizes, seed)
+            pooled = [r for r in checks if r.get("batch") == "all"]
+            row.update(passed=not reason, reason=reason, seed=used_seed,
+                       tolerance={"atol": tol.atol, "min_cosine": tol.min_cosine, "min_topk": tol.min_topk,
+                                  "k": tol.k},
+                       summary=summarize(pooled), checks=checks)
+        else:
+            row.update(passed=True, reason="", gate="skipped")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def gate_line(rows: Sequence[dict[str, Any]], dropped: bool = False) -> str:
+    """One line over every (graph, variant) row: which variants passed, which failed (the first figure of each
+    failed graph, with its seed) and what to rerun; ``dropped``: the line of an export that kept the bundle
+    without the failed variants."""
+    order = list(dict.fromkeys(r["variant"] for r in rows))
+    failed = {v: [r for r in rows if r["variant"] == v and not r["passed"]] for v in order}
+    bad = [v for v in order if failed[v]]
+    good = [v for v in order if not failed[v]]
+
+    def why(r: dict[str, Any]) -> str:
+        first = r["reason"].split("; ")[0]
+        return first + (f", seed {r['seed']}" if r.get("seed") is not None else "")
+
+    flags = " / ".join(CLI_FLAGS[v] for v in bad)
+    line = (f"variant gates: passed {', '.join(good) or 'none'}; FAILED "
+            + "; ".join(f"{v} ({'; '.join(why(r) for r in failed[v])})" for v in bad))
+    if dropped:
+        return (f"{line}; wrote the bundle without {', '.join(bad)} (why is recorded in its manifest's "
+                f"validation.dropped_variants); rerun without {flags} to ask only for variants that pass")
+    return (f"{line}; nothing was written: rerun without {flags}, or with --drop-failed-variants (Python: "
+            f"drop_failed_variants=True) to keep the bundle without {'it' if len(bad) == 1 else 'them'}")
+
+
+def dropped_variants(graphs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """From an export report's ``graphs``: each variant dropped by ``drop_failed_variants`` → why (one reason per
+    failed graph, ``graph: reason``); empty when none was."""
+    out: dict[str, list[str]] = {}
+    for name, g in graphs.items():
+        for variant, row in g.get("variants", {}).items():
+            if row.get("dropped"):
+                out.setdefault(variant, [])
+                if not row.get("passed"):
+                    out[variant].append(f"{name}: {row['reason']}")
+    return out
+
+
+def drop_warning(graphs: dict[str, dict[str, Any]]) -> str:
+    """From an export report's ``graphs``: the :func:`gate_line` of an export that dropped failed variants, or ""."""
+    rows = [row for g in graphs.values() for row in g.get("variants", {}).values()]
+    return gate_line(rows, dropped=True) if any(r.get("dropped") for r in rows) else ""
+
+
 def write_variants(
     folder: str | Path,
     entries: dict[str, GraphEntry],
@@ -145,56 +222,54 @@ def write_variants(
     tolerances: dict[str, Tolerance] | None = None,
     seed: int | None = None,
     log: Callable[[str], None] | None = None,
+    drop_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Write each requested variant of each graph into ``folder``, gate it, and record it in ``entries``.
 
     ``folder`` is the bundle writer's temp folder (``writer.tmp``) holding the fp32 graphs named by ``entries``;
-    ``jobs`` are the export's :class:`GraphJob` (module + sampler). Returns one report row per (graph, variant); with
-    ``report`` the rows also go to ``report.graphs[graph]["variants"][variant]`` and a failed gate raises
-    :class:`fine_infer.export.GateFailure` carrying that report (otherwise :class:`ExportError`)."""
+    ``jobs`` are the export's :class:`GraphJob` (module + sampler). Every requested variant of every graph is built
+    and gated before anything is decided (a build or checker error counts as a failed gate). Returns one report row
+    per (graph, variant); with ``report`` the rows also go to ``report.graphs[graph]["variants"][variant]``.
+
+    A variant is recorded in ``entries`` only when it passed on every graph. If any failed, a
+    :class:`fine_infer.export.GateFailure` carrying ``report`` (without ``report``: :class:`ExportError`) is raised
+    with :func:`gate_line` (passed, failed with figures, what to rerun) — unless ``drop_failed``: then the failed
+    variants' files are deleted from ``folder`` for every graph, their rows are marked ``dropped`` (see
+    :func:`dropped_variants`), ``log`` gets the line, and the export goes on without them."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     tolerances = {**TOLERANCES, **(tolerances or {})}
     folder = Path(folder)
-    rows: list[dict[str, Any]] = []
     by_name = {job.spec.name: job for job in jobs}
+    missing = [name for name in entries if name not in by_name]
+    if missing:
+        raise ConfigError(f"no export job for graph {missing[0]!r}; jobs: {', '.join(by_name)}")
+    rows: list[dict[str, Any]] = []
     for name, entry in entries.items():
-        job = by_name.get(name)
-        if job is None:
-            raise ConfigError(f"no export job for graph {name!r}; jobs: {', '.join(by_name)}")
         for variant in dict.fromkeys(variants):  # keep order, drop repeats
-            fname = variant_file(name, variant)
-            t0 = time.perf_counter()
-            info = _build(variant, folder / entry.file, folder / fname)
-            row: dict[str, Any] = {"graph": name, "variant": variant, "file": fname,
-                                   "tensorrt": variant not in ORT_CPU_ONLY, **info}
-            check_onnx(folder / fname)  # contrib-op domains are skipped by the checker, the rest is checked
-            row["checker"] = "passed"
-            if gates:
-                tol = tolerances[variant]
-                checks, used_seed, reason = check_variant_parity(job, folder / fname, variant, tol, batch_sizes, seed)
-                pooled = [r for r in checks if r.get("batch") == "all"]
-                row.update(passed=not reason, reason=reason, seed=used_seed,
-                           tolerance={"atol": tol.atol, "min_cosine": tol.min_cosine, "min_topk": tol.min_topk,
-                                      "k": tol.k},
-                           summary=summarize(pooled), checks=checks)
-            else:
-                row.update(passed=True, reason="", gate="skipped")
-            row["seconds"] = round(time.perf_counter() - t0, 2)
+            row = _gate_one(folder, name, entry, by_name[name], variant, gates, tolerances[variant], batch_sizes, seed)
             rows.append(row)
             if report is not None:
                 report.graphs.setdefault(name, {}).setdefault("variants", {})[variant] = row
             if log:
                 s = row.get("summary") or {}
-                log(f"{name}.{variant}: " + (f"min cosine {s['min_cosine']:.6f} agreement "
-                                             f"{s['topk_agreement']:.3f}" if s else "gate skipped"))
-            if not row["passed"]:
-                msg = f"{variant} gate failed: {row['reason']} (seed {row['seed']})"
-                if report is not None:
-                    report.passed = False
-                    report.reason = msg
-                    raise GateFailure(msg, report)
-                raise ExportError(msg)
-            entry.variants[variant] = fname
+                log(f"{name}.{variant}: " + (f"min cosine {s['min_cosine']:.6f} agreement {s['topk_agreement']:.3f}"
+                                             if s else row["reason"] or "gate skipped"))
+    failed = {r["variant"] for r in rows if not r["passed"]}
+    if failed and not drop_failed:
+        msg = gate_line(rows)
+        if report is not None:
+            report.passed = False
+            report.reason = msg
+            raise GateFailure(msg, report)
+        raise ExportError(msg)
+    for row in rows:
+        if row["variant"] in failed:
+            row["dropped"] = True
+            (folder / row["file"]).unlink(missing_ok=True)
+        else:
+            entries[row["graph"]].variants[row["variant"]] = row["file"]
+    if failed and log:
+        log("warning: " + gate_line(rows, dropped=True))
     return rows

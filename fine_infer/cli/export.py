@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.triton_repo and Path(args.triton_repo).resolve() == Path(args.out).resolve():
         raise ConfigError("--triton-repo must be a folder other than --out")
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
-                  lint=args.lint)
+                  lint=args.lint, drop_failed_variants=args.drop_failed_variants)
     try:
         if args.arch:
             from fine_infer.tools.recall import default_checks
@@ -57,6 +58,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.json:
             print_json(failure.report.to_dict())
         raise
+    from fine_infer.export._variants import drop_warning
+
+    warning = drop_warning(report.graphs)  # --drop-failed-variants left a variant out: say so every time
+    if warning:
+        print(f"fine-infer export: warning: {warning}", file=sys.stderr)
     repo = None
     if args.triton_repo:
         from fine_infer.export.triton_repo import write_triton_repo
@@ -65,7 +71,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_dict())
     else:
-        print(f"wrote {args.out} in {report.seconds:.1f} s; every gate passed")
+        print(f"wrote {args.out} in {report.seconds:.1f} s; every gate "
+              + ("of what it holds passed (a failed variant was dropped)" if warning else "passed"))
         for line in report.summary_lines():
             print("  " + line)
         if repo is not None:
@@ -148,6 +155,9 @@ def register(add: AddCommand) -> None:
     dep.add_argument("--optimize", choices=["cpu"], help="cpu: ONNX Runtime transformer fusions (gate: 1e-4)")
     dep.add_argument("--lint", action="store_true", help="gate on TensorRT's ONNX operator support (fp32 and fp16)")
     dep.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository")
+    dep.add_argument("--drop-failed-variants", action="store_true",
+                     help="when a variant's gate fails, write the bundle without that variant (exit 0, a warning, "
+                          "the failure recorded in the manifest) instead of failing the export")
     e.add_argument("--recall-gate", action=argparse.BooleanOptionalAction, default=None,
                    help="gate on catalogue Recall@10 (fp32 and fp16 within 0.5 points of PyTorch); "
                         "default: on with --pretrained")

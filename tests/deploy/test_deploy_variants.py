@@ -125,13 +125,19 @@ def test_a_failed_variant_gate_raises_gate_failure_with_the_report(tmp_path):
     entries = {"trap": GraphEntry(job.spec, "trap.onnx", 20)}
     report = ExportReport(str(tmp_path))
     impossible = {"int8": Tolerance(atol=None, min_cosine=1.0000001, min_topk=0.9)}
-    expected = r"int8 gate failed: trap\.embedding \(int8 on onnxruntime\): min cosine"
+    # every variant is gated first: the line names the one that passed (fp16) and the figure of the one that failed
+    expected = (r"variant gates: passed fp16; FAILED int8 \(trap\.embedding \(int8 on onnxruntime\): min cosine "
+                r"[0-9.]+ < 1\.0000001, seed \d+\); nothing was written: rerun without --int8")
     with pytest.raises(GateFailure, match=expected) as info:
-        write_variants(tmp_path, entries, [job], ["int8"], report=report, tolerances=impossible)
-    assert not info.value.report.passed and "int8" in info.value.report.graphs["trap"]["variants"]
-    assert "int8" not in entries["trap"].variants  # nothing recorded for a variant that failed
-    with pytest.raises(ExportError, match="gate failed"):
+        write_variants(tmp_path, entries, [job], ["int8", "fp16"], report=report, tolerances=impossible)
+    assert not info.value.report.passed and {"int8", "fp16"} <= set(info.value.report.graphs["trap"]["variants"])
+    assert entries["trap"].variants == {}  # nothing recorded when the export fails
+    with pytest.raises(ExportError, match="FAILED int8"):
         write_variants(tmp_path, entries, [job], ["int8"], tolerances=impossible)
+    # drop_failed: the failed variant's file is deleted, the passing one recorded
+    rows = write_variants(tmp_path, entries, [job], ["int8", "fp16"], tolerances=impossible, drop_failed=True)
+    assert entries["trap"].variants == {"fp16": "trap.fp16.onnx"} and [r.get("dropped") for r in rows] == [True, None]
+    assert not (tmp_path / "trap.int8.onnx").exists() and (tmp_path / "trap.fp16.onnx").is_file()
     with pytest.raises(ConfigError, match="unknown variant"):
         write_variants(tmp_path, entries, [job], ["bf16"])
 
@@ -167,3 +173,77 @@ def test_fashion_fine_paper_fp16_and_int8_pass_their_gates(tmp_path):
             assert row["passed"], row["reason"]
             assert row["summary"]["min_cosine"] >= TOLERANCES[variant].min_cosine
     read_bundle(tmp_path / "ff-paper")
+
+
+OUTLIER_ENCODER = '''
+import torch
+
+
+class Outlier(torch.nn.Module):
+    """One outlier weight (100 among weights of ~0.05): per-tensor int8 weights round the rest of that layer to 0."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.lin = torch.nn.Linear(32, 64)
+        self.out = torch.nn.Linear(64, 16)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(64, 32, generator=g) * 0.05)
+            self.lin.weight[0, 0] = 100.0
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.out(torch.relu(self.lin(x))), dim=-1)
+
+
+def factory():
+    return Outlier().eval(), {"x": torch.randn(2, 32)}
+'''
+
+
+@pytest.fixture
+def outlier_encoder(tmp_path, monkeypatch):
+    """A user encoder (``--module int8_outlier_encoder:factory``) whose fp16 graph passes its gate and whose int8
+    graph fails it for real (min cosine ~0.3-0.5: the outlier sets the per-tensor weight scale)."""
+    (tmp_path / "int8_outlier_encoder.py").write_text(OUTLIER_ENCODER)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "int8_outlier_encoder:factory"
+
+
+def test_export_gates_every_variant_and_fails_naming_passed_and_failed(outlier_encoder, tmp_path, capsys):
+    from fine_infer.cli import main
+
+    out = tmp_path / "bundle"
+    rc = main(["export", "--module", outlier_encoder, "--int8", "--fp16", "--optimize", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err  # release pipelines depend on the non-zero exit
+    assert "variant gates: passed fp16, cpu-opt; FAILED int8 (model.output (int8 on onnxruntime): min cosine" in err
+    assert "< 0.99" in err and "rerun without --int8, or with --drop-failed-variants" in err
+    assert not out.exists()  # nothing written
+
+
+def test_drop_failed_variants_keeps_the_bundle_without_them(outlier_encoder, tmp_path, capsys):
+    import fine_infer
+    from fine_infer.cli import main
+
+    out = tmp_path / "bundle"
+    rc = main(["export", "--module", outlier_encoder, "--fp16", "--int8", "--out", str(out), "--drop-failed-variants"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    warning = cap.err.strip()
+    assert len(warning.splitlines()) == 1 and warning.startswith("fine-infer export: warning: variant gates: passed "
+                                                                  "fp16; FAILED int8 (model.output")
+    assert "wrote the bundle without int8" in warning and "dropped" in cap.out
+    b = read_bundle(out)  # checksums verified: the dropped file is neither present nor listed
+    entry = b.manifest.graphs["model"]
+    assert entry.variants == {"fp16": "model.fp16.onnx"} and not (out / "model.int8.onnx").exists()
+    assert "model.int8.onnx" not in b.manifest.files
+    v = b.manifest.validation
+    assert v["passed"] and list(v["dropped_variants"]) == ["int8"]
+    assert v["dropped_variants"]["int8"][0].startswith("model: model.output (int8 on onnxruntime): min cosine")
+    row = v["graphs"]["model"]["variants"]["int8"]
+    assert row["dropped"] and not row["passed"] and row["summary"]["min_cosine"] < 0.99
+    with pytest.raises(BundleError, match="no variant 'int8'"):
+        fine_infer.load(out, variant="int8")
+    assert fine_infer.load(out, variant="fp16").run("model", {"x": np.ones((1, 32), np.float32)})["output"].shape \
+        == (1, 16)
