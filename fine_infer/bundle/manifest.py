@@ -1,18 +1,21 @@
 """The manifest of a bundle (``manifest.json``): graphs with their signatures and variants, preprocessing, config,
-a sha256 per file, tool versions and the validation report."""
+a sha256 per file, tool versions and the validation report. Every file name it lists passes
+:func:`fine_infer.bundle.paths.check_name` when it is parsed (:meth:`Manifest.from_dict`) and before it is written."""
 
 from __future__ import annotations
 
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
+from fine_infer.bundle.paths import check_name
 from fine_infer.errors import BundleError
 from fine_infer.specs import GraphSpec, ImagePreprocess, TextPreprocess
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "bundle.sig"  # written by `fine-infer sign`; never listed in the manifest (fine_infer.bundle.signing)
 
 
 def tool_versions() -> dict[str, str]:
@@ -100,6 +103,38 @@ class Manifest:
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
+    def named_files(self) -> Iterator[tuple[str, Any]]:
+        """Every file name the manifest lists, as ``(field, name)``: ``files``, each graph's file and variants,
+        tokenizer, weights, and the files the validation records name (tune result, TensorRT timing cache, engines)."""
+        for name in self.files:
+            yield "files", name
+        for g, entry in self.graphs.items():
+            yield f"graphs.{g}.file", entry.file
+            for key, name in entry.variants.items():
+                yield f"graphs.{g}.variants.{key}", name
+        if self.tokenizer is not None:
+            yield "tokenizer", self.tokenizer
+        if self.weights is not None:
+            yield "weights", self.weights
+        v = self.validation if isinstance(self.validation, dict) else {}
+        tune, trt = v.get("tune"), v.get("tensorrt")
+        if isinstance(tune, dict) and tune.get("file") is not None:
+            yield "validation.tune.file", tune["file"]
+        if isinstance(trt, dict):
+            if trt.get("timing_cache") is not None:
+                yield "validation.tensorrt.timing_cache", trt["timing_cache"]
+            for key, rec in (trt.get("engines") or {}).items():
+                for f in ("engine", "onnx", "timing_cache"):
+                    if isinstance(rec, dict) and rec.get(f) is not None:
+                        yield f"validation.tensorrt.engines.{key}.{f}", rec[f]
+
+    def check_names(self) -> "Manifest":
+        """Refuse (:class:`BundleError` naming the field and the name) any listed file name that is not a plain
+        relative path inside the bundle; looks at the names only, never at the file system."""
+        for where, name in self.named_files():
+            check_name(name, where)
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         version = d.get("format_version")
@@ -124,4 +159,4 @@ class Manifest:
             class_labels=d.get("class_labels"),
             versions=d.get("versions", {}),
             validation=d.get("validation", {}),
-        )
+        ).check_names()

@@ -1,4 +1,5 @@
-"""Opening a bundle: parse its manifest and verify every file's sha256 before anything is loaded from it."""
+"""Opening a bundle: parse its manifest (whose file names must stay inside the bundle) and verify every file's sha256
+before anything is loaded from it; files are reached only through :func:`fine_infer.bundle.paths.bundle_path`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fine_infer.bundle.manifest import MANIFEST, GraphEntry, Manifest
+from fine_infer.bundle.paths import bundle_path
 from fine_infer.errors import BundleError
 
 
@@ -28,10 +30,10 @@ class Bundle:
     manifest: Manifest
 
     def file(self, name: str) -> Path:
-        """Absolute path of a file listed in the manifest."""
+        """Path of a file listed in the manifest (refused if it is, or lies in, a symlink)."""
         if name not in self.manifest.files:
             raise BundleError(f"bundle {self.path} lists no file {name!r}")
-        return self.path / name
+        return bundle_path(self.path, name)
 
     def graph(self, name: str) -> GraphEntry:
         """The entry of graph ``name``; unknown names list the bundle's graphs."""
@@ -54,6 +56,8 @@ def read_manifest(path: str | Path) -> Manifest:
     mpath = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"bundle {path} does not exist or is not a directory")
+    if mpath.is_symlink():
+        raise BundleError(f"bundle {path}: {MANIFEST} is a symlink; a bundle holds plain files only (refusing it)")
     if not mpath.is_file():
         raise BundleError(f"{path} is not a bundle: it has no {MANIFEST} (export one with `fine-infer export`)")
     try:
@@ -66,10 +70,11 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def verify_files(path: str | Path, manifest: Manifest) -> None:
-    """Check every listed file exists and matches its sha256; raise :class:`BundleError` naming the first bad one."""
+    """Check every listed file exists and matches its sha256; raise :class:`BundleError` naming the first bad one.
+    The names were checked when the manifest was parsed; a listed file that is a symlink is refused here."""
     path = Path(path)
     for name, digest in manifest.files.items():
-        fpath = path / name
+        fpath = bundle_path(path, name)
         if not fpath.is_file():
             raise BundleError(f"bundle {path} is incomplete: {name} is missing")
         if sha256_file(fpath) != digest:
