@@ -4,6 +4,7 @@
 """
 
 from fine_infer.models._builder import ZooModel
+from fine_infer.models._checkpoint import shipped_weights
 from fine_infer.models._registry import (
     config_from_dict,
     config_to_dict,
@@ -11,6 +12,8 @@ from fine_infer.models._registry import (
     get_arch,
     list_archs,
     make_config,
+    rebuild,
 )
 
-__all__ = ["ZooModel", "config_from_dict", "config_to_dict", "create", "get_arch", "list_archs", "make_config"]
+__all__ = ["ZooModel", "config_from_dict", "config_to_dict", "create", "get_arch", "list_archs", "make_config",
+           "rebuild", "shipped_weights"]

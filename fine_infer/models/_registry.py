@@ -139,6 +139,18 @@ def create(
     return model.eval()
 
 
+def rebuild(arch: str, config: dict[str, Any], weights: str | Path | None = None) -> ZooModel:
+    """``arch`` from a stored config (:func:`config_to_dict` output, as a bundle manifest holds it) with ``weights``
+    saved from this package's own model (a bundle's ``weights.safetensors``: no official-layout mapping), in eval
+    mode; a key mismatch is a :class:`~fine_infer.errors.CheckpointError` listing the missing and unexpected keys."""
+    from fine_infer.models._checkpoint import apply_state_dict, load_state_dict_file
+
+    model = get_arch(arch).model_cls(config_from_dict(arch, config))
+    if weights is not None:
+        apply_state_dict(model, load_state_dict_file(weights), source=str(weights))
+    return model.eval()
+
+
 __all__ = [
     "ArchEntry",
     "config_from_dict",
@@ -147,5 +159,6 @@ __all__ = [
     "get_arch",
     "list_archs",
     "make_config",
+    "rebuild",
     "register",
 ]

@@ -1,6 +1,6 @@
 """Triplet embedding model from "Learning Embeddings for Product Visual Search with Triplet Loss and Online
 Sampling" (Dodds, Nguyen, Herdade, Culpepper, Kae, Garrigues 2018, arXiv:1810.04652; Yahoo Research). No official
-code was published; the model follows the paper's description as summarised in SPEC.md: an ImageNet-style ResNet-50
+code was published; the model follows the paper's description: an ImageNet-style ResNet-50
 trunk, global average pooling, a linear embedding layer and L2 normalisation (dim 256 by default, configurable).
 
 Parameter names: ``backbone.*`` is a torchvision ResNet without ``fc``; ``embedding`` is the linear layer. A

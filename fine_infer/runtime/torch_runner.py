@@ -24,8 +24,7 @@ def _torch():
 def model_from_bundle(bundle: Bundle):
     """The bundle's zoo model with its weights, in eval mode (user-module bundles cannot be rebuilt)."""
     _torch()
-    from fine_infer.models import config_from_dict, get_arch
-    from fine_infer.models._checkpoint import apply_state_dict, load_state_dict_file
+    from fine_infer.models import rebuild
 
     m = bundle.manifest
     if not m.arch or not m.weights:
@@ -33,10 +32,7 @@ def model_from_bundle(bundle: Bundle):
             f"bundle {bundle.path} was exported from a user module ({m.source}); only zoo archs can run on the torch "
             "backend (use backend='onnxruntime')"
         )
-    config = config_from_dict(m.arch, m.config or {})
-    model = get_arch(m.arch).model_cls(config)
-    apply_state_dict(model, load_state_dict_file(bundle.file(m.weights)), source=str(bundle.file(m.weights)))
-    return model.eval()
+    return rebuild(m.arch, m.config or {}, bundle.file(m.weights))
 
 
 class TorchRunner(Runner):

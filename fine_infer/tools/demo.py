@@ -86,13 +86,17 @@ def run_demo(workdir: str | Path | None = None, items: int = 200, seed: int = 0)
     """Run the demo; returns the process exit code (0)."""
     import fine_infer
     from fine_infer.index import Index
-    from fine_infer.models._checkpoint import WEIGHTS_DIR
+    from fine_infer.errors import CheckpointError
+    from fine_infer.models import shipped_weights
 
     t_start = time.perf_counter()
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fine-infer-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     bundle, maaf_bundle = work / "fashion-fine-tiny", work / "maaf-tiny"
-    pretrained = all((WEIGHTS_DIR / f"{a}-tiny.safetensors").is_file() for a in ("fashion-fine", "maaf"))
+    try:
+        pretrained = all(shipped_weights(a, "tiny").is_file() for a in ("fashion-fine", "maaf"))
+    except CheckpointError:  # a build of the package without its weights folder
+        pretrained = False
     weights = "pretrained on the generated catalogue" if pretrained else "random weights"
 
     print(f"1. export  fashion-fine and maaf (tiny, {weights}) → {work}")
