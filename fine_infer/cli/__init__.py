@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from fine_infer.errors import FineInferError
 
 # Command-group modules, in the order their commands are listed by --help.
-COMMAND_MODULES = ("export", "search", "demo", "eval", "deploy", "serve", "bench", "tune")
+COMMAND_MODULES = ("export", "search", "demo", "eval", "deploy", "serve", "bench", "tune", "sign")
 
 # Top-level module of a missing dependency -> the pyproject extra that installs it.
 _EXTRAS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--triton-repo must be a folder other than --out")
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
                   lint=args.lint, drop_failed_variants=args.drop_failed_variants)
+    signing = contextlib.ExitStack()
+    if args.sign_key:  # the key is checked now; the bundle is signed before it is renamed into place
+        from fine_infer.bundle.signing import signing_on_commit
+
+        signing.enter_context(signing_on_commit(args.sign_key))
     try:
         if args.arch:
             from fine_infer.tools.recall import default_checks
@@ -58,6 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.json:
             print_json(failure.report.to_dict())
         raise
+    finally:
+        signing.close()
     from fine_infer.export._variants import drop_warning
 
     warning = drop_warning(report.graphs)  # --drop-failed-variants left a variant out: say so every time
@@ -77,6 +85,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             print("  " + line)
         if repo is not None:
             print(f"wrote Triton Inference Server model repository {args.triton_repo}")
+        if args.sign_key:
+            print(f"signed {args.out} with {args.sign_key}")
     return 0
 
 
@@ -155,6 +165,8 @@ def register(add: AddCommand) -> None:
     dep.add_argument("--optimize", choices=["cpu"], help="cpu: ONNX Runtime transformer fusions (gate: 1e-4)")
     dep.add_argument("--lint", action="store_true", help="gate on TensorRT's ONNX operator support (fp32 and fp16)")
     dep.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository")
+    e.add_argument("--sign-key", metavar="KEY.pem", help="sign the bundle with this private key before it is moved "
+                                                         "into place (see `fine-infer sign`)")
     dep.add_argument("--drop-failed-variants", action="store_true",
                      help="when a variant's gate fails, write the bundle without that variant (exit 0, a warning, "
                           "the failure recorded in the manifest) instead of failing the export")

@@ -33,7 +33,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fine_infer.tools.bench import load_json
 
         bench = load_json(args.bench_json)
-    session = fine_infer.load(args.bundle, backend=args.backend, variant=args.variant, threads=args.threads)
+    session = fine_infer.load(args.bundle, backend=args.backend, variant=args.variant, threads=args.threads,
+                              public_key=args.public_key)
     if bench is not None:
         batching = with_bench_sizes(batching, bench, session, f"bench:{args.bench_json}")
     index = None
@@ -82,6 +83,8 @@ def register(add: AddCommand) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --api-key-env)")
     s.add_argument("--port", type=int, default=8080)
     add_backend_args(s)
+    s.add_argument("--public-key", metavar="PUB.pem",
+                   help="serve only if the bundle's signature verifies with this key (see `fine-infer sign`)")
     s.add_argument("--threads", type=positive("--threads"), help="intra-op threads of ONNX Runtime")
     s.add_argument("--max-batch-size", type=positive("--max-batch-size"),
                    help="rows per model run for every graph (default: measured per graph at start-up)")

@@ -285,6 +285,7 @@ def load(
     verify: bool = True,
     variant: str | None = None,
     hint: str | None = None,
+    public_key: str | Path | None = None,
 ) -> Session:
     """Open a bundle for inference, verifying every file's sha256 first.
 
@@ -299,6 +300,10 @@ def load(
     graph); on ``openvino`` it is the inference precision: ``fp32`` or ``bf16`` (CPUs with AVX-512 BF16 or AMX).
     ``hint`` is OpenVINO's performance hint: ``"latency"`` (default) or ``"throughput"`` (several streams, for many
     concurrent callers). ``threads`` caps the intra-op threads of ONNX Runtime or OpenVINO.
+
+    ``public_key`` (a PEM file): refuse the bundle (:class:`BundleError`) unless its signature (``fine-infer sign``)
+    verifies with that key: unsigned, signed by another key, or any file changed, added or removed since signing, the
+    manifest included (needs ``pip install 'fine-infer[sign]'``).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -312,4 +317,8 @@ def load(
 
         if importlib.util.find_spec("openvino") is None:
             raise BackendUnavailableError("backend 'openvino' needs OpenVINO: pip install 'fine-infer[openvino]'")
+    if public_key is not None:
+        from fine_infer.bundle.signing import verify_bundle
+
+        verify_bundle(bundle, public_key)
     return Session(read_bundle(bundle, verify=verify), backend, providers, device, kernels, threads, variant, hint)
