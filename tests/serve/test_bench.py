@@ -65,11 +65,19 @@ def test_load_test_a_running_server(server, tmp_path):
     bench.plot(res, tmp_path / "serve.png")
 
 
-def test_demo_uses_the_bench_timer():
+def test_interleaved_rounds_time_each_function_in_every_round():
+    import time
+
     from fine_infer.tools import demo
 
-    assert demo.median_ms is bench.median_ms
-    assert bench.median_ms(lambda: None, repeats=3, warmup=1) >= 0
+    assert demo.interleaved_ms is bench.interleaved_ms  # the demo's latency table uses the bench timer
+    order = []
+    t = bench.interleaved_ms({"slow": lambda: (order.append("slow"), time.sleep(0.004)),
+                              "fast": lambda: order.append("fast")}, rounds=3, repeats=2, warmup=1)
+    assert len(t["slow"]) == len(t["fast"]) == 3
+    # rounds alternate the functions: warm-ups, then per round both functions, each `repeats` times
+    assert order == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3
+    assert min(t["slow"]) >= 4.0 > max(t["fast"])
 
 
 def test_compare_catches_a_planted_slowdown(tmp_path, capsys):

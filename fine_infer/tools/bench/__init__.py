@@ -22,9 +22,9 @@ from fine_infer.tools.bench.load import DEFAULT_CONCURRENCY, QUERY_TEXT, bench_s
 from fine_infer.tools.bench.machine import machine_info
 from fine_infer.tools.bench.report import compare, format_table, load_json, plot, save_json
 from fine_infer.tools.bench.runtime import BACKENDS, DEFAULT_BATCHES, RESULT_KIND, bench_bundle, open_backend
-from fine_infer.tools.bench.timing import QUICK, Budget, latency_stats, median_ms
+from fine_infer.tools.bench.timing import QUICK, Budget, interleaved_ms, latency_stats
 
 
 __all__ = ["BACKENDS", "DEFAULT_BATCHES", "DEFAULT_CONCURRENCY", "QUERY_TEXT", "QUICK", "RESULT_KIND", "Budget",
-           "bench_bundle", "bench_server", "compare", "format_table", "latency_stats", "load_json", "load_test",
-           "machine_info", "median_ms", "open_backend", "plot", "sample_png", "save_json", "server_payloads"]
+           "bench_bundle", "bench_server", "compare", "format_table", "interleaved_ms", "latency_stats", "load_json", "load_test",
+           "machine_info", "open_backend", "plot", "sample_png", "save_json", "server_payloads"]

@@ -6,21 +6,30 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` calls after ``warmup`` calls (used by the demo)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], rounds: int = 7, repeats: int = 3,
+                   warmup: int = 2) -> dict[str, list[float]]:
+    """Per name, the median wall time (ms) of ``repeats`` calls of its function in each of ``rounds`` rounds.
+
+    Every round runs every function in turn, so a change in background load falls on all of them alike: compare
+    them round by round (ratios) and report medians over rounds, never one run against another run minutes apart."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[name].append(statistics.median(times))
+    return out
 
 
 @dataclass(frozen=True)
