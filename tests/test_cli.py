@@ -95,3 +95,15 @@ def test_catalogue_command_writes_sample_images(tmp_path):
     bad = run("catalogue", str(tmp_path / "none"), "--items", "0")
     assert bad.returncode != 0 and "--items" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_export_refuses_an_existing_out_before_loading_anything(tmp_path):
+    # the module cannot even be imported: the existing --out must be what the user hears about, at once
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    r = run("export", "--module", "no_such_package.mod:factory", "--out", str(tmp_path / "taken"))
+    assert r.returncode == 2 and "already exists" in r.stderr and "no_such_package" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run("export", "--module", "no_such_package.mod:factory", "--out", str(tmp_path / "taken"), "--force")
+    assert r.returncode == 2 and "is not a bundle" in r.stderr, r.stderr
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from fine_infer._atomic import (DIR_MODE, atomic_write_bytes, fsync_dir, in_flight, remove_stale_temps,
                                 remove_stale_temps_in, temp_name)
 from fine_infer.bundle.manifest import MANIFEST, SIGNATURE, Manifest
-from fine_infer.bundle.paths import bundle_path, check_name, walk_files
+from fine_infer.bundle.paths import bundle_path, walk_files
 from fine_infer.bundle.reader import Bundle, read_manifest, sha256_file
 from fine_infer.errors import BundleError
 
@@ -79,10 +79,19 @@ def update_manifest(path: str | Path, mutate: Callable[[Manifest], Iterable[str]
     manifest = read_manifest(path)
     dropped = [n for n in mutate(manifest) if n]
     for name in dropped:
-        check_name(name, "stale")
         manifest.files.pop(name, None)
     commit_manifest(path, manifest, added, stale=dropped)
     return manifest
+
+
+def check_destination(dest: str | Path, force: bool = False) -> None:
+    """Raise :class:`BundleError` unless a bundle may be written to ``dest``: it must not exist (or, with ``force``,
+    be a bundle or an empty folder). Exporters call it before the minutes of work that precede writing."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise BundleError(f"{dest} already exists; choose another --out or pass --force to replace it")
+    if dest.exists() and (not dest.is_dir() or (not (dest / MANIFEST).is_file() and any(dest.iterdir()))):
+        raise BundleError(f"{dest} exists and is not a bundle; refusing to replace it even with --force")
 
 
 class BundleWriter:
@@ -94,10 +103,7 @@ class BundleWriter:
 
     def __init__(self, dest: str | Path, force: bool = False) -> None:
         self.dest = Path(dest)
-        if self.dest.exists() and not force:
-            raise BundleError(f"{self.dest} already exists; choose another --out or pass --force to replace it")
-        if self.dest.exists() and not (self.dest / MANIFEST).is_file() and any(self.dest.iterdir()):
-            raise BundleError(f"{self.dest} exists and is not a bundle; refusing to replace it even with --force")
+        check_destination(self.dest, force)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self._stack = contextlib.ExitStack()
         self.tmp = self._stack.enter_context(in_flight(self.dest.parent / temp_name(self.dest.name, PARTIAL)))

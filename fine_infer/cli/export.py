@@ -28,6 +28,9 @@ def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a zoo arch or a user module to a bundle, behind the checker and parity gates."""
+    from fine_infer.bundle.writer import check_destination
+
+    check_destination(args.out, args.force)  # before torch and the model load: an existing --out fails at once
     from fine_infer.export import GateFailure, export_arch, export_module, load_factory, parse_dynamic_axes
 
     if bool(args.arch) == bool(args.module):
