@@ -349,29 +349,37 @@ class Index:
     # --- persistence ------------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the index to ``path`` atomically (temp file, fsync, rename): a crash leaves the old file intact."""
-        try:
-            meta_text = json.dumps({
-                "attrs": self.attrs,
-                "metadata": {str(i): m for i, m in self._meta.items()},
-            }, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"index.attrs is not JSON-serialisable: {exc}") from None
+        """Write the index to ``path`` atomically (temp file, fsync, rename): a crash leaves the old file intact.
+
+        The file is a consistent snapshot: ids, vectors and metadata are taken together under the lock (an ``add``
+        from another thread lands wholly before or wholly after it). Only the snapshot holds the lock, not the disk
+        write: in-RAM vectors are copied (a memory-mapped index's arrays are never changed in place, so they are
+        written from the map), then the lock is released before writing, so a waiting ``add`` (which searches queue
+        behind) waits for a copy, not for the disk."""
         with self._lock.read():
+            try:
+                meta_text = json.dumps({
+                    "attrs": self.attrs,
+                    "metadata": {str(i): m for i, m in self._meta.items()},
+                }, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"index.attrs is not JSON-serialisable: {exc}") from None
             store = self._store
             n = store.n
+            snap = np.array if store.writable() else (lambda a: a)  # in RAM: copy; mapped: read-only already
             sections: list[tuple[str, Any]] = [
-                ("ids", self._ids[:n]),
-                ("colmax", store.colmax),
+                ("ids", self._ids[:n].copy()),
+                ("colmax", store.colmax.copy()),
             ]
             if store.scales is not None:
-                sections.append(("scales", store.scales))
+                sections.append(("scales", store.scales.copy()))
             sections.append(("meta", meta_text.encode("utf-8")))
-            sections.append(("vectors", store.panels[: panels_for(n)]))
+            sections.append(("vectors", snap(store.panels[: panels_for(n)])))
             if store.rows is not None:
-                sections.append(("float32", store.rows[:n]))
-            _format.write(path, dim=self.dim, dtype=self.dtype, count=n, panel=_native_search.PANEL,
-                          sections=sections, float32_copies=store.rows is not None)
+                sections.append(("float32", snap(store.rows[:n])))
+            dim, dtype, copies = self.dim, self.dtype, store.rows is not None
+        _format.write(path, dim=dim, dtype=dtype, count=n, panel=_native_search.PANEL, sections=sections,
+                      float32_copies=copies)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = False, *, verify: bool = True, threads: int | None = None,
