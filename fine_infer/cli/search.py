@@ -105,16 +105,28 @@ def _choose_task(kind: str, requested: str, source: Path, bundle: str, tasks: di
         requested = "text"
     if requested not in can:
         what = {"image": "images", "text": "texts", "compose": "composed (image + text) items"}[requested]
-        hint = ("index a folder of images (or a .jsonl with \"image\" keys) with it" if "image" in can
-                else "use a bundle with a text graph")
+        if requested == "compose":
+            hint = f"--task compose needs a compose graph; try --task {' or '.join(sorted(can)) or 'auto'}"
+        elif requested == "text" and "image" in can:
+            hint = "index a folder of images (or a .jsonl with \"image\" keys) with it"
+        else:
+            hint = f"use a bundle with an {'embed_image' if requested == 'image' else 'embed_text'} graph"
         raise ConfigError(f"bundle {bundle} embeds no {what} (graphs: {graphs}), so it cannot index {source}: {hint}")
     return requested
 
 
 def _has_image_key(path: Path) -> bool:
-    """Whether any line of a .jsonl catalogue looks like an object with an ``"image"`` key (a cheap scan)."""
+    """Whether any line of a .jsonl catalogue is an object with an ``"image"`` key (bad lines are reported later)."""
     with open(path, "rb") as f:
-        return any(b'"image"' in line for line in f)
+        for line in f:
+            if b'"image"' in line:  # most lines of a text catalogue are ruled out without parsing
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and "image" in obj:
+                    return True
+    return False
 
 
 def _refused(session, items: Sequence[Item], checks: Sequence[str]) -> list[Bad]:
