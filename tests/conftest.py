@@ -1,4 +1,5 @@
-"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit function is defined.
+"""Test configuration. TRITON_INTERPRET is set (to 1) only where no CUDA device can run the kernels, before any
+@triton.jit function is defined; on a GPU box the kernels are compiled and run for real.
 
 Seeds: a run draws one run seed from ``os.urandom``, or takes ``FINE_INFER_TEST_SEED`` when set, and shows it in the
 report header. Every test, and every session-, package-, module- or class-scoped fixture, gets a seed derived from
@@ -11,13 +12,54 @@ tests run with it.
 """
 
 import os
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# --- the Triton interpreter: only where no CUDA device can run the kernels --------------------------------------------
+# TRITON_INTERPRET must be decided before any @triton.jit function is defined (the kernel modules define theirs on
+# import, and the mode cannot change afterwards), so this runs first, before any test module is imported. On a GPU box
+# it stays unset and `pytest -m gpu` compiles and runs the real kernels.
+_NVIDIA_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvhost-gpu", "/dev/nvgpu")  # desktop/server GPUs and Jetson
+
+
+def _cuda_nodes_present() -> bool:
+    """A cheap probe before importing torch: NVIDIA device nodes (fine_infer.index._gpu probes the same ones)."""
+    if not sys.platform.startswith("linux"):
+        return True  # no cheap probe elsewhere: ask torch
+    return any(os.path.exists(p) for p in _NVIDIA_NODES)
+
+
+def _torch_sees_cuda() -> bool:
+    """``torch.cuda.is_available()`` (the check that un-skips the ``gpu`` tests below); False without torch."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def triton_interpret_value(environ, nodes_present=_cuda_nodes_present, sees_cuda=_torch_sees_cuda) -> str | None:
+    """What ``TRITON_INTERPRET`` should be set to for this run, or None to leave the environment alone.
+
+    An explicit ``TRITON_INTERPRET`` (``0`` or ``1``) is kept. Otherwise the interpreter is used only where no CUDA
+    device can run the kernels: hidden by ``CUDA_VISIBLE_DEVICES`` (empty or ``-1``), no NVIDIA device node (torch is
+    not even imported), or torch sees no CUDA device (a CPU build of torch on a GPU box). With a usable GPU it stays
+    unset, so the kernels are compiled for it."""
+    if "TRITON_INTERPRET" in environ:
+        return None
+    if environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "1"
+    if not nodes_present() or not sees_cuda():
+        return "1"
+    return None
+
+
+_interpret = triton_interpret_value(os.environ)
+if _interpret is not None:
+    os.environ["TRITON_INTERPRET"] = _interpret
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

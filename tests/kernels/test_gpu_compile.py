@@ -185,9 +185,14 @@ if __name__ == "__main__":
 
 def test_benchmark_script_runs_its_cases_in_the_interpreter():
     """benchmarks/bench_kernels.py: without CUDA it skips with a reason; --smoke runs cases end to end (checked
-    against the reference) at tiny sizes in the interpreter, so the GPU benchmark does not rot unseen."""
+    against the reference) at tiny sizes in the interpreter, so the GPU benchmark does not rot unseen.
+
+    The GPUs are hidden from the script (CUDA_VISIBLE_DEVICES=""), so this checks the same thing on a CUDA box; the
+    GPU run itself (the full benchmark, minutes) is benchmarks/gpu_check.sh's and ``pytest benchmarks/bench_kernels.py``'s.
+    """
     bench = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     res = subprocess.run([sys.executable, bench], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "skipped: needs a CUDA GPU" in res.stdout, res.stdout + res.stderr
     res = subprocess.run([sys.executable, bench, "--smoke", "-k", "MAAF"], env=env, capture_output=True, text=True,
