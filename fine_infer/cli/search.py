@@ -318,8 +318,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                           "its vectors are not comparable with this bundle's; search with the bundle that built it")
     query = session.embed(images=[args.image] if args.image else None, texts=[args.text] if args.text else None)
     scores, ids = index.search(query, args.k)
-    hits = [{"rank": r, "id": int(i), "score": float(s), **(index.get_metadata(int(i)) or {})}
+    # metadata keys beside the hit's own; a metadata key named rank, id or score never hides the real one
+    hits = [{**(index.get_metadata(int(i)) or {}), "rank": r, "id": int(i), "score": float(s)}
             for r, (s, i) in enumerate(((s, i) for s, i in zip(scores[0], ids[0]) if i >= 0), 1)]
+    hits = [{"rank": h["rank"], "id": h["id"], "score": h["score"], **h} for h in hits]  # those three first
     if args.json:
         print_json({"query": {"text": args.text, "image": args.image}, "hits": hits})
     else:
