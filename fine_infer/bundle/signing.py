@@ -73,7 +73,8 @@ def check_private_key(key: str | Path, password: str | None = None) -> None:
     try:
         loaded = serialization.load_pem_private_key(data, password.encode() if password is not None else None)
     except TypeError as exc:  # encrypted without a password, or a password for a plain key
-        raise ConfigError(f"private key {key}: {exc} (give its password with --password-env)") from None
+        hint = "" if password is not None else " (give its password: password=, or --password-env VAR)"
+        raise ConfigError(f"private key {key}: {exc}{hint}") from None
     except ValueError as exc:
         raise ConfigError(f"{key} is not a PEM private key this can use ({exc}); a wrong password says so too") \
             from None

@@ -6,7 +6,8 @@ run here (``fine-infer bench`` machinery) at batch 1 and 8 and ranks them; :func
 ``tune.<stamp>.json`` in the bundle through :func:`fine_infer.bundle.update_manifest` (hashed into
 ``manifest.files`` and pointed to by ``manifest.validation["tune"]``; a crash leaves either the old or the new result
 listed, never a file whose checksum fails). ``load(bundle, backend="auto")`` reads it through
-:mod:`fine_infer.runtime.choice`.
+:mod:`fine_infer.runtime.choice`. Storing a result changes the bundle (a new file and the manifest): a signed bundle
+then fails verification until it is signed again (``fine-infer sign``), so a release pipeline tunes before it signs.
 """
 
 from __future__ import annotations
