@@ -16,6 +16,13 @@ merge concurrent requests up to ``max_batch_size`` (requests are merged only whe
 text graphs batch best with the bundle's fixed padding length). A TensorRT plan's ``max_batch_size`` is capped at the
 batch its optimisation profile was built for. Preprocessing (resize, normalisation, tokenisation) stays on the
 client, exactly as the manifest describes; the README spells it out.
+
+A plan runs only on the TensorRT version that built it unless it was built ``--version-compatible``
+(:func:`fine_infer.export.engines.plan_runs_on`). Given the Triton server's TensorRT version
+(``tensorrt_version=`` / ``--tensorrt-version``) a plan that will not run there is refused, naming the fixes; without
+it a warning names the version each plan needs. The README lists them, and says to start the server with
+``--backend-config=tensorrt,version-compatible=true`` when a plan is version-compatible (Triton's TensorRT backend
+loads such plans only then).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -138,10 +146,57 @@ def _readme(bundle, models: dict[str, dict[str, Any]]) -> str:
         "`dynamic_batching` merges concurrent requests up to `max_batch_size`. Triton merges only requests whose "
         "non-batch dimensions agree, so pad text to a fixed length to batch text requests together.",
         "A `model.plan` is a TensorRT engine: it runs only on the TensorRT version and GPU architecture it was built "
-        "with (`fine-infer build-engine` on the serving device) and its `max_batch_size` is the profile's maximum.",
+        "with (`fine-infer build-engine` on the serving device) unless it was built `--version-compatible` / "
+        "`--hardware-compatible`, and its `max_batch_size` is the profile's maximum.",
         "",
     ]
+    plans = {n: i["tensorrt"] for n, i in models.items() if i.get("tensorrt")}
+    if plans:
+        lines += ["## TensorRT plans", "", "| model | built with | version-compatible | hardware-compatible | GPU |",
+                  "|---|---|---|---|---|"]
+        for n, r in plans.items():
+            lines.append(f"| `{n}` | TensorRT {r.get('tensorrt_version')} | "
+                         f"{'yes' if r.get('version_compatible') else 'no'} | "
+                         f"{r.get('hardware_compatibility', 'none')} | {r.get('gpu')} (sm {r.get('compute_capability')}) |")
+        lines.append("")
+        if any(r.get("version_compatible") for r in plans.values()):
+            lines += ["Version-compatible plans embed TensorRT's lean runtime: start the server with",
+                      "", "    tritonserver --model-repository=$PWD --backend-config=tensorrt,version-compatible=true",
+                      ""]
     return "\n".join(lines)
+
+
+def _check_plan(name: str, record: dict[str, Any], tensorrt_version: str | None) -> None:
+    """Refuse a plan that will not run on the server's TensorRT; warn when that version is not known."""
+    from fine_infer.export.engines import plan_runs_on
+
+    if tensorrt_version is None:
+        if not record.get("version_compatible"):
+            warnings.warn(f"{name}: model.plan runs only on TensorRT {record.get('tensorrt_version')}; pass the "
+                          "server's version (--tensorrt-version) to have it checked", stacklevel=3)
+        return
+    why = plan_runs_on(record, tensorrt_version)
+    if why:
+        raise ConfigError(f"{name}: the engine will not load on the server's TensorRT {tensorrt_version}: {why}. "
+                          "Build it with the server's TensorRT (e.g. inside its container), rebuild with "
+                          "`fine-infer build-engine --version-compatible` (then serve with "
+                          "--backend-config=tensorrt,version-compatible=true), or pass --no-engines to serve ONNX")
+
+
+def _engine_records(bundle, variant: str | None) -> dict[str, dict[str, Any]]:
+    """graph → the build record (``<engine>.json``) of the engine that would serve it (graphs without one left out).
+    An engine without a record counts as built by an unknown TensorRT (``?``)."""
+    from fine_infer.bundle.variants import ORT_CPU_ONLY, engine_variant
+
+    if variant in ORT_CPU_ONLY:
+        return {}
+    key = engine_variant(variant)
+    out = {}
+    for gname, entry in bundle.manifest.graphs.items():
+        if key in entry.variants:
+            meta = Path(f"{bundle.file(entry.variants[key])}.json")
+            out[gname] = json.loads(meta.read_text()) if meta.is_file() else {"tensorrt_version": "?"}
+    return out
 
 
 def write_triton_repo(
@@ -153,13 +208,17 @@ def write_triton_repo(
     max_batch_size: int = DEFAULT_MAX_BATCH,
     max_queue_delay_us: int = 100,
     force: bool = False,
+    tensorrt_version: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write a Triton model repository for every graph of ``bundle`` into ``out``; returns per model what it holds.
 
     Each graph is served by its TensorRT engine (``tensorrt_plan``) when the bundle has one for ``variant`` and
     ``engines`` is true, else by the ONNX graph of ``variant`` (default: the portable fp32 graph) on
     ``onnxruntime_onnx``; ONNX Runtime CPU variants (int8, cpu-opt) get a CPU instance group. The repository is
-    assembled in a temp folder and moved into place, so a failure leaves ``out`` as it was."""
+    assembled in a temp folder and moved into place, so a failure leaves ``out`` as it was.
+
+    ``tensorrt_version``: the TensorRT version of the server; an engine that will not run on it raises
+    :class:`ConfigError` before anything is written (see :func:`fine_infer.export.engines.plan_runs_on`)."""
     from fine_infer.bundle import read_bundle
     from fine_infer.bundle.variants import ORT_CPU_ONLY, engine_variant, variant_file
 
@@ -172,12 +231,15 @@ def write_triton_repo(
         raise ConfigError(f"{out} exists and is not a Triton repository written by fine-infer; refusing to replace it")
     if max_batch_size < 0:
         raise ConfigError("max_batch_size must be >= 0")
+    records = _engine_records(b, variant) if engines else {}
+    prefix = (m.arch or "model").replace("-", "_")
+    for gname, record in records.items():  # before anything is written
+        _check_plan(f"{prefix}_{gname}", record, tensorrt_version)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     os.chmod(tmp, DIR_MODE)  # mkdtemp creates 0700; the server may run as another user
     models: dict[str, dict[str, Any]] = {}
     try:
-        prefix = (m.arch or "model").replace("-", "_")
         pre = {"image": m.image.to_dict() if m.image else None, "text": m.text.to_dict() if m.text else None,
                "embed_dim": m.embed_dim, "class_labels": m.class_labels}
         for gname, entry in m.graphs.items():
@@ -185,14 +247,12 @@ def write_triton_repo(
             key = None if variant in ORT_CPU_ONLY else engine_variant(variant)
             use_engine = engines and key in entry.variants
             mbs = max_batch_size
+            record = records.get(gname) if use_engine else None
             if use_engine:
                 src, fname, platform = b.file(entry.variants[key]), "model.plan", "tensorrt_plan"
-                meta_path = Path(f"{src}.json")
-                if meta_path.is_file():
-                    prof = json.loads(meta_path.read_text()).get("profiles", {})
-                    maxes = [p[2][0] for p in prof.values() if p]
-                    if maxes and _batched(entry.spec):
-                        mbs = min(mbs, min(maxes))  # Triton must not batch past the engine's profile
+                maxes = [p[2][0] for p in (record or {}).get("profiles", {}).values() if p]
+                if maxes and _batched(entry.spec):
+                    mbs = min(mbs, min(maxes))  # Triton must not batch past the engine's profile
             else:
                 src = b.file(variant_file(entry, variant))
                 fname, platform = "model.onnx", "onnxruntime_onnx"
@@ -207,6 +267,10 @@ def write_triton_repo(
                 shutil.copyfile(b.file(m.tokenizer), d / "tokenizer.json")
             models[name] = {"graph": gname, "platform": platform, "file": f"{name}/1/{fname}", "spec": entry.spec,
                             "max_batch_size": mbs if _batched(entry.spec) else 0}
+            if record is not None:
+                models[name]["tensorrt"] = {k: record.get(k) for k in (
+                    "tensorrt_version", "version_compatible", "hardware_compatibility", "gpu", "compute_capability",
+                    "precision")}
         (tmp / "README.md").write_text(_readme(b, models))
         if out.exists():
             old = out.with_name(f".{out.name}.old")

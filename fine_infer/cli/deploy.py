@@ -1,7 +1,7 @@
 """Deployment commands of the ``fine-infer`` CLI: ``lint``, ``build-engine``, ``triton-repo``.
 
 Registered by :func:`add_commands`, called from ``fine_infer.cli.build_parser``. Like the other commands they are a
-thin layer over the Python API (``fine_infer.export.lint``, ``._tensorrt``, ``._triton_repo``), print one line
+thin layer over the Python API (``fine_infer.export.lint``, ``.engines``, ``.triton_repo``), print one line
 per result, and raise :class:`fine_infer.errors.FineInferError` subclasses that ``cli.main`` turns into one-line
 errors with a non-zero exit. TensorRT is imported only by ``build-engine``, and on a machine without it that
 command fails with one line saying so while the others work.
@@ -71,14 +71,20 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     infos = build_bundle_engines(
         args.bundle, graphs=args.graphs, fp16=args.fp16, batch=args.batch or DEFAULT_BATCH, sequence=args.sequence,
         axes=_axes(args.axis), timing_cache=args.timing_cache, workspace_mib=args.workspace, lint=not args.no_lint,
-        device=args.device,
+        device=args.device, version_compatible=args.version_compatible,
+        hardware_compatibility=args.hardware_compatible,
     )
     if args.json:
         print_json([i.to_dict() for i in infos])
     else:
         for i in infos:
-            print(f"built {i.engine} from {i.onnx}: {i.precision} ({i.typing}ly typed), TensorRT {i.tensorrt_version} "
-                  f"on {i.gpu} (sm {i.compute_capability}) in {i.seconds:.1f} s")
+            modes = [m for m, on in (("version-compatible", i.version_compatible),
+                                     (f"hardware-compatible {i.hardware_compatibility}",
+                                      i.hardware_compatibility != "none")) if on]
+            print(f"built {i.engine} from {i.onnx}: {i.precision} ({i.typing}ly typed"
+                  f"{', ' + ', '.join(modes) if modes else ''}), TensorRT {i.tensorrt_version} on {i.gpu} "
+                  f"(sm {i.compute_capability}, device {i.device}) in {i.seconds:.1f} s; timing cache: "
+                  f"{i.timing_cache_status}")
     return 0
 
 
@@ -87,7 +93,8 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     from fine_infer.export.triton_repo import write_triton_repo
 
     models = write_triton_repo(args.bundle, args.out, variant=args.variant, engines=not args.no_engines,
-                               max_batch_size=args.max_batch_size, force=args.force)
+                               max_batch_size=args.max_batch_size, force=args.force,
+                               tensorrt_version=args.tensorrt_version)
     if args.json:
         print_json(models)
     else:
@@ -115,7 +122,13 @@ def register(add: AddCommand) -> None:
     be.add_argument("--axis", action="append", metavar="NAME=MIN,OPT,MAX", help="profile of another dynamic axis")
     be.add_argument("--timing-cache", help="timing cache file to reuse and update (default: one kept in the bundle)")
     be.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
-    be.add_argument("--device", type=int, default=0, help="CUDA device index")
+    be.add_argument("--device", type=int, default=0, help="CUDA device index to build on (and for)")
+    be.add_argument("--version-compatible", action="store_true",
+                    help="a plan later TensorRT releases of the same major (and 10 -> 11) also run (lean runtime "
+                         "embedded; may be slower; Triton needs --backend-config=tensorrt,version-compatible=true)")
+    be.add_argument("--hardware-compatible", choices=["none", "ampere+", "same-cc"], default="none",
+                    help="a plan other GPUs run: any Ampere or newer (ampere+) or any of this compute capability "
+                         "(same-cc); may be slower (default none: this GPU's architecture only)")
     be.add_argument("--no-lint", action="store_true", help="skip the TensorRT lint before building")
     be.add_argument("--json", action="store_true", help="print the engine records as JSON")
 
@@ -127,4 +140,7 @@ def register(add: AddCommand) -> None:
     tr.add_argument("--no-engines", action="store_true", help="serve ONNX even where the bundle has a TensorRT engine")
     tr.add_argument("--max-batch-size", type=int, default=16, help="Triton max_batch_size (default 16)")
     tr.add_argument("--force", action="store_true", help="replace an existing repository")
+    tr.add_argument("--tensorrt-version", metavar="X.Y.Z",
+                    help="the TensorRT version of the Triton server that will load the plans: an engine that will "
+                         "not run on it is refused (without this flag: a warning naming the version each plan needs)")
     tr.add_argument("--json", action="store_true", help="print what was written as JSON")

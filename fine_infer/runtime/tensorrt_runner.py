@@ -5,9 +5,13 @@ Written to the TensorRT 10/11 name-based tensor API (the one Polygraphy's ``TrtR
 execution context and CUDA stream per worker thread (a context holds per-inference state and must not be shared
 by concurrent callers; the engine is shared). ``tensorrt`` and ``torch`` are imported only when a runner is made.
 
-An engine only runs on the TensorRT version and GPU architecture it was built with: the ``<engine>.json`` sidecar
-written at build time is checked against this device first, and a mismatch is a one-line error telling the user
-to rebuild the engine here.
+An engine only runs on the TensorRT version and GPU architecture it was built with, unless it was built in one of
+TensorRT's compatible modes: the ``<engine>.json`` sidecar written at build time is checked against this device first,
+and a mismatch is a one-line error telling the user to rebuild the engine here. A version-compatible plan (its lean
+runtime embedded) is left to TensorRT to accept on another release (it refuses older runtimes), with
+``engine_host_code_allowed`` set for it; a hardware-compatible one ("ampere+") runs on any compute capability >= 8.0.
+Everything (deserialising, contexts, buffers, execution) happens inside ``torch.cuda.device(device)``: TensorRT and
+the CUDA allocations use the current device, so an engine for GPU 1 is never loaded onto GPU 0.
 """
 
 from __future__ import annotations
@@ -50,11 +54,17 @@ def check_engine_compat(meta: dict[str, Any], tensorrt_version: str, gpu: str, c
     built = (f"TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu')} (compute capability "
              f"{meta.get('compute_capability')})")
     here = f"TensorRT {tensorrt_version} on {gpu} (compute capability {compute_capability})"
-    same_trt = str(meta.get("tensorrt_version")) == str(tensorrt_version)
-    if not same_trt or str(meta.get("compute_capability")) != str(compute_capability):
+    # a version-compatible plan: TensorRT itself accepts it on a later release or refuses it (deserialisation)
+    same_trt = meta.get("version_compatible") or str(meta.get("tensorrt_version")) == str(tensorrt_version)
+    hardware = meta.get("hardware_compatibility", "none")
+    if hardware == "ampere+":
+        same_arch = float(compute_capability) >= 8.0
+    else:
+        same_arch = str(meta.get("compute_capability")) == str(compute_capability)
+    if not same_trt or not same_arch:
         raise BackendUnavailableError(f"{name} was built with {built} but this device has {here}: "
                                       "rebuild it here with `fine-infer build-engine BUNDLE`")
-    if meta.get("gpu") != gpu:
+    if meta.get("gpu") != gpu and hardware == "none":
         warnings.warn(f"{name} was built on {meta.get('gpu')} and runs on {gpu} (same compute capability); "
                       "rebuild it on this GPU for its best tactics", stacklevel=3)
 
@@ -86,10 +96,17 @@ class TensorRTRunner(Runner):
         self.meta = read_engine_meta(engine_path)
         check_engine_compat(self.meta, trt.__version__, self._gpu, f"{major}.{minor}")
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        with torch.cuda.device(self._device):  # TensorRT deserialises onto the current device
+            self._runtime = trt.Runtime(self._logger)
+            if self.meta.get("version_compatible"):
+                # the plan carries its lean runtime (host code): allowed because the bundle's checksums (and its
+                # signature, where there is one) were verified before anything was loaded
+                self._runtime.engine_host_code_allowed = True
+            self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
-            raise BundleError(f"TensorRT could not deserialize {Path(engine_path).name}; "
+            compat = (f" (a version-compatible plan built with TensorRT {self.meta.get('tensorrt_version')} runs on "
+                      "that release and later ones only)" if self.meta.get("version_compatible") else "")
+            raise BundleError(f"TensorRT {trt.__version__} could not deserialize {Path(engine_path).name}{compat}; "
                               "rebuild it with `fine-infer build-engine`")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -110,7 +127,8 @@ class TensorRTRunner(Runner):
         return f"tensorrt-{self._trt.__version__}-{self._gpu}"
 
     def _context(self):
-        """This thread's execution context and CUDA stream (created on first use)."""
+        """This thread's execution context and CUDA stream (created on first use, on the engine's device: the caller
+        is inside ``torch.cuda.device``)."""
         ctx = getattr(self._local, "ctx", None)
         if ctx is None:
             ctx = self.engine.create_execution_context()
@@ -122,9 +140,10 @@ class TensorRTRunner(Runner):
 
     def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        ctx, stream = self._context()
         keep = []  # input tensors must outlive the asynchronous execution
         outputs: dict[str, Any] = {}
+        with torch.cuda.device(self._device):
+            ctx, stream = self._context()
         with torch.cuda.device(self._device), torch.cuda.stream(stream):
             for name in self._inputs:
                 arr = feeds[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -29,15 +30,26 @@ def deploy_bundle(tmp_path_factory):
 
 @pytest.fixture
 def fake_trt(monkeypatch):
-    """``fake_trt(version, **kw)`` installs a :class:`FakeTensorRT` as ``tensorrt`` and a fake GPU (Orin, sm 8.7)."""
+    """``fake_trt(version, **kw)`` installs a :class:`FakeTensorRT` as ``tensorrt``, a fake GPU (Orin, sm 8.7)
+    and a fake ``torch.cuda.device`` scope (the builder records the device that was current)."""
     import fine_infer.export.engines as trt_mod
 
     def install(version: str = "10.3.0", **kw) -> FakeTensorRT:
         fake = FakeTensorRT(version, **kw)
         names = ("__version__", "NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "Logger", "Builder",
-                 "OnnxParser")
+                 "OnnxParser", "HardwareCompatibilityLevel")
         monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(**{k: getattr(fake, k) for k in names}))
         monkeypatch.setattr(trt_mod, "cuda_device", lambda index=0: ("Orin", "8.7"))
+
+        @contextlib.contextmanager
+        def device_scope(index):  # torch.cuda.device(index), without CUDA
+            previous, fake.current_device = fake.current_device, index
+            try:
+                yield
+            finally:
+                fake.current_device = previous
+
+        monkeypatch.setattr(trt_mod, "_device_scope", device_scope)
         return fake
 
     return install

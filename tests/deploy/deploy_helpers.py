@@ -41,11 +41,16 @@ class FakeTensorRT:
     Records what the builder was asked to do (network flags, builder flags, profiles, timing cache) so the tests can
     check the 10.x / 11.x precision logic and the manifest bookkeeping; it builds nothing."""
 
-    def __init__(self, version: str, parse_errors: list[dict] | None = None, inputs: list[tuple] | None = None):
+    def __init__(self, version: str, parse_errors: list[dict] | None = None, inputs: list[tuple] | None = None,
+                 reject_cache: bool = False, serialized_cache: bytes | None = b"timing-cache-bytes"):
         self.__version__ = version
-        self.calls: dict = {"flags": [], "profiles": {}, "cache_in": None}
+        self.calls: dict = {"flags": [], "cleared": [], "profiles": {}, "cache_in": None, "device": None,
+                            "hardware_level": None, "caches_set": []}
         self._parse_errors = parse_errors or []
         self._inputs = inputs or []
+        self.current_device = None  # set by the fake torch.cuda.device scope (conftest.fake_trt)
+        self._reject_cache = reject_cache  # set_timing_cache returns False for a non-empty cache (another GPU's)
+        self._serialized_cache = serialized_cache  # what the built cache serialises to (None: nothing, as seen)
         trt = self
 
         class Enum:
@@ -54,7 +59,10 @@ class FakeTensorRT:
                     setattr(self, k, v)
 
         self.NetworkDefinitionCreationFlag = Enum(STRONGLY_TYPED=5)
-        self.BuilderFlag = Enum(FP16=0) if int(version.split(".")[0]) < 11 else Enum()
+        # TF32 and VERSION_COMPATIBLE exist in 10.x and 11.x (the values are TensorRT's own business)
+        common = {"TF32": 6, "VERSION_COMPATIBLE": 13}
+        self.BuilderFlag = Enum(FP16=0, **common) if int(version.split(".")[0]) < 11 else Enum(**common)
+        self.HardwareCompatibilityLevel = Enum(NONE=0, AMPERE_PLUS=1, SAME_COMPUTE_CAPABILITY=2)
         self.MemoryPoolType = Enum(WORKSPACE=0)
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
 
@@ -104,32 +112,56 @@ class FakeTensorRT:
                 trt.calls["profiles"][name] = (lo, opt, hi)
 
         class Cache:
+            def __init__(self, data=b""):
+                self.data = data
+
             def serialize(self):
-                return b"timing-cache-bytes"
+                return trt._serialized_cache
 
         class Config:
+            def __init__(self):
+                self._level = None
+
             def set_memory_pool_limit(self, pool, size):
                 trt.calls["workspace"] = size
 
             def set_flag(self, flag):
                 trt.calls["flags"].append(flag)
 
+            def clear_flag(self, flag):
+                trt.calls["cleared"].append(flag)
+
+            @property
+            def hardware_compatibility_level(self):
+                return self._level
+
+            @hardware_compatibility_level.setter
+            def hardware_compatibility_level(self, level):
+                trt.calls["hardware_level"] = self._level = level
+
             def add_optimization_profile(self, p):
                 pass
 
             def create_timing_cache(self, data):
-                trt.calls["cache_in"] = data
-                return Cache()
+                if data == b"damaged":
+                    raise RuntimeError("timing cache: bad header")
+                if data:
+                    trt.calls["cache_in"] = data
+                return Cache(data)
 
             def set_timing_cache(self, cache, ignore_mismatch):
                 trt.calls["ignore_mismatch"] = ignore_mismatch
+                ok = not (trt._reject_cache and cache.data)
+                if ok:
+                    trt.calls["caches_set"].append(cache.data)
+                return ok
 
             def get_timing_cache(self):
                 return Cache()
 
         class Builder:
             def __init__(self, logger):
-                pass
+                trt.calls["device"] = trt.current_device  # TensorRT builds on the current CUDA device
 
             def create_network(self, flags=0):
                 return Network(flags)

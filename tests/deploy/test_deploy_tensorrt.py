@@ -168,6 +168,125 @@ def test_engine_compatibility_is_checked_against_the_device():
         check_engine_compat(meta, "10.3.0", "RTX 3060", "8.6")
     with pytest.warns(UserWarning, match="built on Orin and runs on Orin NX"):
         check_engine_compat(meta, "10.3.0", "Orin NX", "8.7")
+    # compatible builds: TensorRT itself judges a version-compatible plan; an ampere+ plan runs on any sm >= 8.0
+    check_engine_compat({**meta, "version_compatible": True}, "10.13.3", "Orin", "8.7")
+    check_engine_compat({**meta, "hardware_compatibility": "ampere+"}, "10.3.0", "H100", "9.0")
+    with pytest.raises(BackendUnavailableError, match="compute capability 7.5"):
+        check_engine_compat({**meta, "hardware_compatibility": "ampere+"}, "10.3.0", "T4", "7.5")
+    with pytest.raises(BackendUnavailableError, match="TensorRT 10.7.0"):
+        check_engine_compat({**meta, "hardware_compatibility": "ampere+"}, "10.7.0", "Orin", "8.7")
+
+
+PROF = {"pixels": ((1, 3, 64, 64), (4, 3, 64, 64), (16, 3, 64, 64))}
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
+def test_fp32_engines_are_ieee_fp32_tf32_cleared_and_recorded(deploy_bundle, tmp_path, fake_trt, version):
+    """BuilderFlag.TF32 is on by default in TensorRT: an engine recorded "fp32" must have it cleared."""
+    import json
+
+    out, _, _ = deploy_bundle("triplet")
+    trt = fake_trt(version, inputs=[("pixels", (-1, 3, 64, 64))])
+    info = build_engine(out / "image.onnx", tmp_path / "a.engine", PROF)
+    assert trt.calls["cleared"] == [trt.BuilderFlag.TF32] and trt.BuilderFlag.TF32 not in trt.calls["flags"]
+    assert info.precision == "fp32" and info.tf32 is False
+    assert json.loads((tmp_path / "a.engine.json").read_text())["tf32"] is False
+    trt = fake_trt(version, inputs=[("pixels", (-1, 3, 64, 64))])
+    build_engine(out / "image.fp16.onnx", tmp_path / "b.engine", PROF, fp16=True)  # fp32 layers of fp16 graphs too
+    assert trt.calls["cleared"] == [trt.BuilderFlag.TF32]
+
+
+def test_compatible_build_modes_are_set_recorded_and_offered_on_the_command_line(deploy_bundle, tmp_path, fake_trt,
+                                                                                  capsys):
+    import json
+
+    from test_deploy_lint import run_cli
+
+    src, _, _ = deploy_bundle("triplet")
+    trt = fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    info = build_engine(src / "image.onnx", tmp_path / "a.engine", PROF, version_compatible=True,
+                        hardware_compatibility="ampere+")
+    assert trt.BuilderFlag.VERSION_COMPATIBLE in trt.calls["flags"]
+    assert trt.calls["hardware_level"] == trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    assert (info.version_compatible, info.hardware_compatibility) == (True, "ampere+")
+    trt = fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    info = build_engine(src / "image.onnx", tmp_path / "b.engine", PROF)  # the default: neither
+    assert trt.calls["flags"] == [] and trt.calls["hardware_level"] is None
+    assert (info.version_compatible, info.hardware_compatibility) == (False, "none")
+    with pytest.raises(ConfigError, match="hardware_compatibility must be one of none, ampere"):
+        build_engine(src / "image.onnx", tmp_path / "c.engine", PROF, hardware_compatibility="turing")
+
+    out = tmp_path / "bundle"
+    shutil.copytree(src, out)
+    trt = fake_trt("10.3.0", inputs=[])
+    assert run_cli("build-engine", str(out), "--version-compatible", "--hardware-compatible", "same-cc") == 0
+    assert "version-compatible, hardware-compatible same-cc" in capsys.readouterr().out
+    assert trt.calls["hardware_level"] == trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+    record = read_bundle(out).manifest.validation["tensorrt"]["engines"]["image:trt"]
+    sidecar = json.loads((out / f"{record['engine']}.json").read_text())
+    assert record["version_compatible"] is sidecar["version_compatible"] is True
+    assert record["hardware_compatibility"] == sidecar["hardware_compatibility"] == "same-cc"
+
+
+def test_a_rejected_or_unsavable_timing_cache_falls_back_to_a_fresh_one(deploy_bundle, tmp_path, fake_trt):
+    """set_timing_cache returns False for a cache from another GPU, create_timing_cache raises on damaged bytes and
+    serialize() may return None: the build goes on with a fresh cache and says so (Polygraphy's behaviour)."""
+    out, _, _ = deploy_bundle("triplet")
+    cache = tmp_path / "tc"
+    cache.write_bytes(b"other-gpu-cache")
+    trt = fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))], reject_cache=True)
+    with pytest.warns(UserWarning, match="timing cache tc not used: TensorRT rejected it.*fresh timing cache"):
+        info = build_engine(out / "image.onnx", tmp_path / "a.engine", PROF, timing_cache_path=cache)
+    assert trt.calls["caches_set"] == [b""]  # the fresh cache is the one the build used
+    assert info.timing_cache_status.startswith("replaced: TensorRT rejected it")
+    assert cache.read_bytes() == b"timing-cache-bytes" and info.timing_cache == "tc"  # replaced by this GPU's
+
+    cache.write_bytes(b"damaged")
+    fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    with pytest.warns(UserWarning, match="could not be read \\(RuntimeError: timing cache: bad header\\)"):
+        info = build_engine(out / "image.onnx", tmp_path / "b.engine", PROF, timing_cache_path=cache)
+    assert info.timing_cache_status.startswith("replaced: it could not be read")
+
+    cache.write_bytes(b"good-cache")
+    trt = fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))], serialized_cache=None)
+    with pytest.warns(UserWarning, match="returned no timing cache to save; tc is left as it was"):
+        info = build_engine(out / "image.onnx", tmp_path / "c.engine", PROF, timing_cache_path=cache)
+    assert trt.calls["caches_set"] == [b"good-cache"] and cache.read_bytes() == b"good-cache"
+    assert info.timing_cache is None and info.timing_cache_status == "reused; not saved: TensorRT returned no cache"
+
+    fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    info = build_engine(out / "image.onnx", tmp_path / "d.engine", PROF, timing_cache_path=tmp_path / "new-tc")
+    assert info.timing_cache_status == "new" and (tmp_path / "new-tc").read_bytes() == b"timing-cache-bytes"
+
+
+def test_engines_are_built_on_the_device_asked_for(deploy_bundle, tmp_path, fake_trt):
+    """TensorRT builds for the current CUDA device: build_engine(device=N) makes N current, not only the name."""
+    src, _, _ = deploy_bundle("triplet")
+    trt = fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    info = build_engine(src / "image.onnx", tmp_path / "a.engine", PROF, device=1)
+    assert trt.calls["device"] == 1 and info.device == 1 and trt.current_device is None  # restored after
+    out = tmp_path / "bundle"
+    shutil.copytree(src, out)
+    trt = fake_trt("10.3.0", inputs=[])
+    build_bundle_engines(out, device=2)
+    assert trt.calls["device"] == 2
+
+
+def test_plan_runs_on_follows_tensorrt_version_rules():
+    from fine_infer.export.engines import plan_runs_on
+
+    exact = {"tensorrt_version": "10.3.0.26", "version_compatible": False}
+    assert plan_runs_on(exact, "10.3.0.26") is None and plan_runs_on(exact, "10.3") is None
+    assert "only on the TensorRT version that built it" in plan_runs_on(exact, "10.3.1")
+    assert "--version-compatible" in plan_runs_on(exact, "10.13.3.9")
+    vc = {"tensorrt_version": "10.3.0", "version_compatible": True}
+    assert plan_runs_on(vc, "10.13.3.9") is None and plan_runs_on(vc, "11.4.0") is None  # later 10.x, and 10 -> 11
+    assert "that release and later ones only" in plan_runs_on(vc, "10.2.0")
+    assert "not on 12.0" in plan_runs_on(vc, "12.0")
+    assert "11.0" not in (plan_runs_on({"tensorrt_version": "11.0.0", "version_compatible": True}, "11.4") or "")
+    assert "does not say which TensorRT" in plan_runs_on({}, "10.3")
+    with pytest.raises(ConfigError, match="not a TensorRT version"):
+        plan_runs_on(exact, "latest")
 
 
 # --- on a GPU box with TensorRT ------------------------------------------------------------------------------------

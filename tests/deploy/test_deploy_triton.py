@@ -78,13 +78,49 @@ def test_an_engine_in_the_bundle_becomes_a_tensorrt_plan_capped_at_its_profile(d
     fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
     build_bundle_engines(out, batch=(1, 2, 8))
     repo = tmp_path / "repo"
-    models = write_triton_repo(out, repo)
+    models = write_triton_repo(out, repo, tensorrt_version="10.3.0")
     cfg = parse(repo / "triplet_image" / "config.pbtxt")
     assert cfg.platform == models["triplet_image"]["platform"] == "tensorrt_plan" and cfg.max_batch_size == 8
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
     assert (repo / "triplet_image" / "1" / "model.plan").read_bytes() == b"fake-engine-bytes"
     write_triton_repo(out, repo, engines=False, force=True)
     assert parse(repo / "triplet_image" / "config.pbtxt").platform == "onnxruntime_onnx"
+
+
+def test_plans_are_checked_against_the_servers_tensorrt(deploy_bundle, tmp_path, fake_trt, capsys):
+    """A plan runs only on the TensorRT that built it unless built --version-compatible: triton-repo refuses a plan
+    the server's TensorRT (--tensorrt-version) will not load, and warns when that version is not given."""
+    import shutil
+
+    from test_deploy_lint import run_cli
+
+    src, _, _ = deploy_bundle("triplet")
+    out = tmp_path / "bundle"
+    shutil.copytree(src, out)
+    fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    build_bundle_engines(out)
+    repo = tmp_path / "repo"
+    with pytest.raises(ConfigError, match=r"triplet_image: the engine will not load on the server's TensorRT 10\.13"
+                                          r"\.3\.9: built with TensorRT 10\.3\.0.*--version-compatible.*--no-engines"):
+        write_triton_repo(out, repo, tensorrt_version="10.13.3.9")
+    assert not repo.exists()  # refused before anything was written
+    assert run_cli("triton-repo", str(out), "--out", str(repo), "--tensorrt-version", "10.13.3.9") == 2
+    assert "will not load on the server's TensorRT" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="model.plan runs only on TensorRT 10.3.0; pass the server's version"):
+        write_triton_repo(out, repo)
+    models = write_triton_repo(out, repo, tensorrt_version="10.3.0", force=True)  # the same version: fine
+    assert models["triplet_image"]["tensorrt"]["tensorrt_version"] == "10.3.0"
+    readme = (repo / "README.md").read_text()
+    assert "| `triplet_image` | TensorRT 10.3.0 | no | none |" in readme and "version-compatible=true" not in readme
+    write_triton_repo(out, repo, tensorrt_version="10.13.3.9", engines=False, force=True)  # ONNX: nothing to check
+
+    fake_trt("10.3.0", inputs=[("pixels", (-1, 3, 64, 64))])
+    build_bundle_engines(out, version_compatible=True)
+    models = write_triton_repo(out, repo, tensorrt_version="10.13.3.9", force=True)  # a later 10.x loads it
+    assert models["triplet_image"]["tensorrt"]["version_compatible"] is True
+    assert "--backend-config=tensorrt,version-compatible=true" in (repo / "README.md").read_text()
+    with pytest.raises(ConfigError, match="that release and later ones only"):
+        write_triton_repo(out, repo, tensorrt_version="10.2", force=True)
 
 
 def test_triton_repo_command(deploy_bundle, tmp_path, monkeypatch, capsys):
