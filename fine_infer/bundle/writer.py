@@ -107,7 +107,9 @@ class BundleWriter:
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self._stack = contextlib.ExitStack()
         self.tmp = self._stack.enter_context(in_flight(self.dest.parent / temp_name(self.dest.name, PARTIAL)))
-        remove_stale_temps(self.dest, (PARTIAL, OLD))
+        # A dead writer's .old folder is garbage once the destination exists; without one it is the last complete
+        # bundle (a kill between commit's two renames), left for the user to move back.
+        remove_stale_temps(self.dest, (PARTIAL, OLD) if self.dest.exists() else (PARTIAL,))
         os.mkdir(self.tmp, DIR_MODE)
         self._committed = False
         self._manifest: Manifest | None = None

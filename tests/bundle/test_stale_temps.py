@@ -57,11 +57,11 @@ def test_bundle_writer_removes_dead_writers_partial_folders_and_keeps_live_ones(
     if existing:
         _write(tmp_path / "b")
     dead = _partial(tmp_path, "b", dead_pid)
-    dead_old = _partial(tmp_path, "b", dead_pid, ".old")
+    dead_old = _partial(tmp_path, "b", dead_pid, ".old") if existing else None  # (see the test below)
     live = _partial(tmp_path, "b", live_pid)
     other = _partial(tmp_path, "other", dead_pid)  # another destination's: not this writer's business
     _write(tmp_path / "b", force=existing)
-    assert not dead.exists() and not dead_old.exists()
+    assert not dead.exists() and not (dead_old and dead_old.exists())
     assert live.is_dir() and (live / "image.onnx").is_file()
     assert other.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", live.name, other.name])
@@ -116,3 +116,12 @@ def test_manifest_rewrites_remove_dead_writers_temps_in_the_bundle(tmp_path, dea
     assert not dead_manifest.exists() and not dead_tune.exists() and live.exists()
     assert read_manifest(b).validation["note"] == "x"
     assert json.loads((b / "manifest.json").read_text())["validation"]["note"] == "x"
+
+
+def test_a_dead_writers_old_bundle_is_kept_while_the_destination_is_missing(tmp_path, dead_pid):
+    """A kill between commit's two renames leaves the previous bundle only as .b.<pid>….old: never swept then."""
+    old = _partial(tmp_path, "b", dead_pid, ".old")
+    _write(tmp_path / "b")
+    assert old.is_dir()
+    _write(tmp_path / "b", force=True)  # now the destination exists: the .old folder is garbage
+    assert not old.exists()
