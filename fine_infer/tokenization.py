@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import re
 import string
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +48,19 @@ _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CLIP_SPECIALS = ("<pad>", "<|startoftext|>", "<|endoftext|>")
 _WORD_SPECIALS = ("<pad>", "<unk>")
 MAX_TEXT_CHARS = 4096  # bound the work one string can cost before tokenizing
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has nothing to read: only whitespace, control characters (NUL, ...) and invisible format
+    characters (zero-width spaces and joiners, the BOM, soft hyphens): Unicode categories Z* and C* throughout."""
+    if text.isprintable():  # no C* or Z* character but the ASCII space (the common case, at C speed)
+        return not text.strip()
+    return all(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in text)
+
+
+def blank_text_message(i: int) -> str:
+    """The one-line refusal of a blank text (see :func:`is_blank`), the same wherever a text is checked."""
+    return f"text {i} is empty (only spaces, control or zero-width characters): give at least one word"
 
 
 def _chars() -> list[str]:
@@ -233,8 +247,8 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"text {i} is a {type(t).__name__}, not a string")
-        if not t.strip():
-            raise InputError(f"text {i} is empty: give at least one word")
+        if is_blank(t):
+            raise InputError(blank_text_message(i))
         if len(t) > MAX_TEXT_CHARS:
             raise InputError(f"text {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS}")
     encodings = tokenizer.encode_batch(list(texts))

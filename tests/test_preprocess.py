@@ -81,3 +81,49 @@ def test_huge_image_header_is_refused_before_decoding():
     assert 10000 * 10000 > MAX_IMAGE_PIXELS
     with pytest.raises(InputError, match="pixels"):
         load_image(png)
+
+
+def test_the_pixel_limit_is_the_callers_whatever_pillows_bound(rng):
+    """``max_pixels`` is the one limit: above the module default, and above Pillow's own bomb bound (lowered here so
+    a small image crosses it), an image under it decodes; over it, the error names it."""
+    from PIL import Image
+
+    from fine_infer.preprocess import image_size
+
+    arr = rng.integers(0, 256, (1000, 1100, 3), dtype=np.uint8)  # 1.1 M pixels
+    data = _png_bytes(arr)
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 200_000  # Pillow refuses over 2x this (400 k) on open, before any size check
+    try:
+        assert image_size(data, max_pixels=2_000_000) == (1100, 1000)
+        np.testing.assert_array_equal(np.asarray(load_image(data, max_pixels=2_000_000)), arr)
+        with pytest.raises(InputError, match="the limit is 1000000$"):
+            load_image(data, max_pixels=1_000_000)
+        spec = ImagePreprocess(size=32, crop=32)
+        assert preprocess_images([data], spec, max_pixels=2_000_000).shape == (1, 3, 32, 32)
+        with pytest.raises(InputError, match="image 5 has 1100×1000 = 1100000 pixels; the limit is 1000000"):
+            preprocess_images([data], spec, max_pixels=1_000_000, start=5)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    assert MAX_IMAGE_PIXELS < 50_000_000
+    big = _huge_png(8000, 6000)  # 48 M pixels, header only: over the module default, under the caller's limit
+    assert image_size(big, max_pixels=50_000_000) == (8000, 6000)
+    with pytest.raises(InputError, match="corrupt or truncated"):  # got past every pixel check to the decoder
+        load_image(big, max_pixels=50_000_000)
+
+
+def test_errors_carry_no_object_addresses():
+    import re
+
+    for data in (b"this is not an image", b"GIF89a\x00\x00", b"\x89PNG\r\n\x1a\n\x00\x00"):
+        with pytest.raises(InputError) as err:
+            load_image(data)
+        assert not re.search(r"0x[0-9a-fA-F]{6,}", str(err.value)), str(err.value)
+
+
+def _huge_png(width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")

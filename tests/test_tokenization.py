@@ -74,3 +74,24 @@ def test_learned_bpe_merges_follow_frequency_then_lexicographic_order():
     assert merges[2:] == [("ab", "c</w>"), ("ab", "d</w>"), ("b", "c</w>")]
     assert learn_bpe_merges(["abc", "ab", "abd", "bc"], 1) == [("a", "b")]  # max_merges honoured
     assert learn_bpe_merges(["x"], 5) == []  # one symbol: nothing to merge
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "word"])
+def test_blank_texts_are_refused_alike_whatever_their_characters(kind):
+    """Whitespace, NUL and other control characters, zero-width spaces and joiners, the BOM, soft hyphens: nothing to
+    read, so refused with the one message, by every tokenizer (some would embed them as [CLS] [SEP] or [UNK])."""
+    from fine_infer.tokenization import is_blank
+
+    spec = TextPreprocess(kind, 16, "longest")
+    tok = build_tokenizer(spec)
+    blank = ["   ", "\x00", "\x00\x00\t", "\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \x00\u200b\n", "\u00ad", ""]
+    messages = set()
+    for t in blank:
+        assert is_blank(t), repr(t)
+        with pytest.raises(InputError) as err:
+            encode(tok, ["dress", t], spec)
+        messages.add(str(err.value))
+    assert messages == {"text 1 is empty (only spaces, control or zero-width characters): give at least one word"}
+    for t in ("red \u200b dress", "dress\x00", "\u00e9t\u00e9 dress", "\u2764 dress"):
+        assert not is_blank(t), repr(t)
+    encode(tok, ["red \u200b dress"], spec)

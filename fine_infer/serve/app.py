@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import json
+import posixpath
 import threading
 from typing import Any, Sequence
 
@@ -29,12 +30,14 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 from fine_infer.batching import BatchSettings
 from fine_infer.errors import BundleError, ConfigError, FineInferError, InputError
+from fine_infer.preprocess import preprocess_images
 from fine_infer.runtime import classify_outputs
 from fine_infer.serve import schemas
-from fine_infer.serve.guard import Guard
+from fine_infer.serve.guard import Guard, error_body, error_headers
 from fine_infer.serve.limits import Limits, ServeError
 from fine_infer.serve.metrics import CONTENT_TYPE
 from fine_infer.serve.state import ServeState
@@ -49,7 +52,13 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 
 def _error_response(err: ServeError) -> Response:
-    return _json(err.body(), err.status)
+    body = error_body(err)
+    return Response(body, status_code=err.status, headers={k.decode(): v.decode() for k, v in
+                                                           error_headers(err, len(body))})
+
+
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+JSON_TYPES = ("application/json",)  # what a JSON route takes (a browser's "simple" requests cannot send it)
 
 
 # --- request parsing -------------------------------------------------------------------------------------------------
@@ -68,31 +77,15 @@ def _validation_error(exc: ValidationError, model: type[BaseModel]) -> ServeErro
 
 
 async def _parse(request: Request, model: type[BaseModel], state: ServeState, multipart: bool) -> tuple[Any, dict]:
-    """The validated JSON body, or for multipart: ``(None, {"images": [bytes], "texts": [str]})``."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        if not multipart:
-            raise ServeError("this route takes a JSON body", status=415, type="unsupported_media_type")
-        lim = state.limits
-        async with request.form(max_files=lim.max_batch_items + 1, max_fields=lim.max_batch_items + 1,
-                                max_part_size=lim.max_body_bytes) as form:
-            allowed = set(model.model_fields)
-            parts: dict[str, list] = {"images": [], "texts": []}
-            for key, value in form.multi_items():
-                if key not in allowed or key not in parts:
-                    raise ServeError(f"unknown form field {key!r}; multipart takes: images (files), texts",
-                                     status=422, type="unknown_field", field=key)
-                if key == "images":
-                    if isinstance(value, str):
-                        raise ServeError("form field 'images' must be a file", status=422, type="invalid_field",
-                                         field="images")
-                    parts["images"].append(await value.read())
-                else:
-                    if not isinstance(value, str):
-                        raise ServeError("form field 'texts' must be text", status=422, type="invalid_field",
-                                         field="texts")
-                    parts["texts"].append(value)
-        return None, parts
+    """The validated JSON body, or for multipart: ``(None, {"images": [bytes], "texts": [str]})``. Any other
+    Content-Type is refused (415)."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media == "multipart/form-data" and multipart:
+        return None, await _parse_form(request, model, state)
+    if media not in JSON_TYPES and not (media.startswith("application/") and media.endswith("+json")):
+        takes = "application/json or multipart/form-data" if multipart else "application/json"
+        raise ServeError(f"this route takes Content-Type {takes}, not {media or 'none'}", status=415,
+                         type="unsupported_media_type")
     body = await request.body()
     if not body:
         raise ServeError(f"empty body: send a JSON object with fields: {', '.join(model.model_fields)}",
@@ -101,6 +94,51 @@ async def _parse(request: Request, model: type[BaseModel], state: ServeState, mu
         return model.model_validate_json(body), {}
     except ValidationError as exc:
         raise _validation_error(exc, model) from None
+
+
+async def _parse_form(request: Request, model: type[BaseModel], state: ServeState) -> dict:
+    lim = state.limits
+    try:
+        form = await request.form(max_files=lim.max_batch_items + 1, max_fields=lim.max_batch_items + 1,
+                                  max_part_size=lim.max_body_bytes)
+    except HTTPException as exc:  # starlette's answer to a malformed multipart body: {"detail": ...}
+        raise ServeError(f"malformed multipart body: {exc.detail}", status=400, type="invalid_multipart") from None
+    try:
+        allowed = set(model.model_fields)
+        parts: dict[str, list] = {"images": [], "texts": []}
+        for key, value in form.multi_items():
+            if key not in allowed or key not in parts:
+                raise ServeError(f"unknown form field {key!r}; multipart takes: images (files), texts",
+                                 status=422, type="unknown_field", field=key)
+            if key == "images":
+                if isinstance(value, str):
+                    raise ServeError("form field 'images' must be a file", status=422, type="invalid_field",
+                                     field="images")
+                parts["images"].append(await value.read())
+            else:
+                if not isinstance(value, str):
+                    raise ServeError("form field 'texts' must be text", status=422, type="invalid_field",
+                                     field="texts")
+                parts["texts"].append(value)
+    finally:
+        await form.close()
+    return parts
+
+
+def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A hit's metadata as a client sees it: an absolute ``path`` or ``image`` (where ``fine-infer index`` used to
+    record the server's own file) becomes its file name; relative paths (relative to the indexed folder or
+    catalogue, as it records them now) stay. The index keeps what it stores, so the CLI's search still opens them."""
+    if not meta:
+        return meta
+    out = meta
+    for key in ("path", "image"):
+        v = meta.get(key)
+        if isinstance(v, str) and (v.startswith(("/", "\\")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\")):
+            if out is meta:
+                out = dict(meta)
+            out[key] = posixpath.basename(v.replace("\\", "/"))
+    return out
 
 
 def _decode_image(s: str, i: int) -> bytes:
@@ -133,17 +171,29 @@ class _Handlers:
         except BundleError as exc:
             raise ServeError(str(exc), type="unsupported") from None
 
-    def _decode_and_preprocess(self, images: Sequence[bytes | str]) -> np.ndarray:
+    def _headers(self, images: Sequence[bytes | str]) -> list[bytes]:
+        """base64 decoded; each image's pixels (from its header) checked, and the request's sum."""
         lim = self.st.limits
         raw = [_decode_image(x, i) if isinstance(x, str) else x for i, x in enumerate(images)]
-        for i, data in enumerate(raw):
-            lim.check_image_header(data, i)
-        return self.st.session.preprocess_images(raw)
+        pixels = sum(lim.check_image_header(data, i) for i, data in enumerate(raw))
+        lim.check_request_pixels(pixels, len(raw))
+        return raw
+
+    def _preprocess(self, data: bytes, i: int) -> np.ndarray:
+        spec = self.st.session.manifest.image
+        if spec is None:
+            raise ServeError("this bundle takes no images", type="unsupported")
+        return preprocess_images([data], spec, max_pixels=self.st.limits.max_image_pixels, start=i)
 
     async def _pixels(self, images: Sequence[bytes | str]) -> np.ndarray:
-        # base64, header checks, decoding and resizing are CPU work: one worker-thread call (at most one per core
-        # at once), so the event loop only routes.
-        return await anyio.to_thread.run_sync(self._decode_and_preprocess, list(images), limiter=self.st.cpu_limiter)
+        # base64, header checks, decoding and resizing are CPU work, done in worker threads (at most one per core at
+        # once) so the event loop only routes: first every header (the pixel limits refuse a request before any
+        # decoding), then one image per call, so requests take turns image by image and a large request cannot hold
+        # a core for all its images while small ones wait; a request past its timeout stops at the next image.
+        lim = self.st.cpu_limiter
+        raw = await anyio.to_thread.run_sync(self._headers, list(images), limiter=lim)
+        rows = [await anyio.to_thread.run_sync(self._preprocess, data, i, limiter=lim) for i, data in enumerate(raw)]
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     def _texts(self, texts: list[str], truncate: bool) -> tuple[dict[str, np.ndarray], list[str] | None]:
         """Check ``texts`` against the limits. Returns ``(feeds, texts)``: normally ``({}, texts)``, for the batcher
@@ -156,9 +206,7 @@ class _Handlers:
             raise ServeError(f"this bundle ({s.manifest.arch or s.manifest.source}) takes no text", type="unsupported")
         lim = self.st.limits
         if truncate:
-            for i, t in enumerate(texts):
-                if not t.strip():
-                    raise ServeError(f"text {i} is empty: give at least one word", field=f"texts[{i}]")
+            lim.check_chars(texts)  # blank or over max_text_chars: refused; over the token limit: cut
             return {}, texts
         lim.check_texts(texts, None, m.max_length)  # empty and over-long (characters) texts, without tokenizing
         limit = lim.text_token_limit(m.max_length)
@@ -232,7 +280,7 @@ class _Handlers:
             scores, ids = await self.st.searcher.search(vectors, body.k)
         else:
             scores, ids = index.search(vectors, body.k)
-        hits = [{"id": int(i), "score": float(s), "metadata": index.get_metadata(int(i))}
+        hits = [{"id": int(i), "score": float(s), "metadata": public_metadata(index.get_metadata(int(i)))}
                 for s, i in zip(scores[0], ids[0]) if i >= 0]
         return _json({"hits": hits, "k": body.k, "graph": graph})
 
@@ -256,9 +304,14 @@ class _Handlers:
 
 # --- the app ---------------------------------------------------------------------------------------------------------
 _ERRORS = {400: {"model": schemas.ErrorResponse, "description": "bad input or a limit exceeded (named)"},
+           408: {"model": schemas.ErrorResponse, "description": "the body did not arrive within read_timeout_s"},
            413: {"model": schemas.ErrorResponse, "description": "body or image too large (limit named)"},
+           415: {"model": schemas.ErrorResponse, "description": "not application/json (or multipart where taken)"},
            422: {"model": schemas.ErrorResponse, "description": "unknown field or wrong type (field named)"},
-           503: {"model": schemas.ErrorResponse, "description": "not ready yet"}}
+           429: {"model": schemas.ErrorResponse, "description": "max_queue requests in progress: retry after "
+                                                                "Retry-After seconds"},
+           503: {"model": schemas.ErrorResponse, "description": "not ready yet, or too many connections"},
+           504: {"model": schemas.ErrorResponse, "description": "the request took longer than request_timeout_s"}}
 
 
 def _body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
@@ -306,6 +359,13 @@ def create_app(session: Any, index: Any | None = None, *, batching: BatchSetting
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
         return _error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own answers (unknown route, wrong method, ...) in the documented error shape."""
+        kind = _HTTP_ERRORS.get(exc.status_code, "invalid_input" if exc.status_code < 500 else "internal")
+        return _error_response(ServeError(str(exc.detail), status=exc.status_code, type=kind,
+                                          headers=dict(exc.headers or {})))
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> Response:

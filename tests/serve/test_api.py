@@ -113,8 +113,10 @@ def test_bad_input_gets_a_named_4xx(client, route, body, status, kind, named):
 def test_malformed_json_and_empty_body(client):
     r = client.post("/v1/embed", content=b'{"images": [', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
-    r = client.post("/v1/embed", content=b"")
-    assert r.status_code == 400
+    r = client.post("/v1/embed", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+    r = client.post("/v1/embed", content=b"")  # no Content-Type: not JSON
+    assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_media_type"
 
 
 def test_body_limit_by_length_and_while_streaming(maaf_session):
