@@ -21,13 +21,14 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from fine_infer._atomic import fsync_dir, in_flight, remove_stale_temps_in, temp_name
 from fine_infer.bundle.manifest import MANIFEST, SIGNATURE
 from fine_infer.bundle.paths import walk_files
-from fine_infer.bundle.reader import read_bundle
+from fine_infer.bundle.reader import read_bundle, sha256_file
 from fine_infer.bundle.writer import on_commit
 from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError
 
@@ -137,10 +138,10 @@ def signing_on_commit(key: str | Path, *, password: str | None = None) -> Iterat
         yield
 
 
-def _signed_files(sig: Path) -> dict[str, str] | None:
+def _signed_files(sig: bytes) -> dict[str, str] | None:
     """``{name: sha256}`` the (already verified) signature covers; None if it is not a per-file sha256 signature."""
     try:
-        envelope = json.loads(sig.read_text(encoding="utf-8"))["dsseEnvelope"]
+        envelope = json.loads(sig)["dsseEnvelope"]
         statement = json.loads(base64.b64decode(envelope["payload"]))
         predicate = statement["predicate"]
         if predicate["serialization"]["method"] != "files":
@@ -151,8 +152,6 @@ def _signed_files(sig: Path) -> dict[str, str] | None:
 
 
 def _changes(folder: Path, files: list[str], signed: dict[str, str]) -> str:
-    from fine_infer.bundle.reader import sha256_file
-
     now = [n for n in files if n != SIGNATURE]
     changed = [n for n in now if n in signed and sha256_file(folder / n) != signed[n]]
     added = [n for n in now if n not in signed]
@@ -180,8 +179,11 @@ def verify_bundle(path: str | Path, public_key: str | Path) -> str:
 
     config = verifying.Config().use_elliptic_key_verifier(public_key=Path(public_key)) \
         .set_hashing_config(_hashing_config(hashing))
+    data = sig.read_bytes()  # read once: what is verified is what is parsed below
     try:
-        config.verify(folder, sig)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / SIGNATURE).write_bytes(data)
+            config.verify(folder, Path(tmp) / SIGNATURE)
     except InvalidSignature:
         raise BundleError(f"bundle {folder}: its signature does not verify with {public_key} ({SIGNATURE} was "
                           "altered or forged)") from None
@@ -191,7 +193,7 @@ def verify_bundle(path: str | Path, public_key: str | Path) -> str:
             raise BundleError(f"bundle {folder} was not signed by the key {public_key} (its signature names "
                               "another key)") from None
         if text.startswith("Signature mismatch"):
-            signed = _signed_files(sig)
+            signed = _signed_files(data)
             what = _changes(folder, files, signed) if signed is not None else text
             raise BundleError(f"bundle {folder} was changed after it was signed: {what}; if you changed it "
                               f"yourself (tune, build-engine, validate --backend), {resign}") from None
@@ -199,7 +201,7 @@ def verify_bundle(path: str | Path, public_key: str | Path) -> str:
     except Exception as exc:  # noqa: BLE001 - an unreadable signature file, whatever the parser raised
         raise BundleError(f"bundle {folder}: {SIGNATURE} is damaged or not a model-signing signature "
                           f"({type(exc).__name__}: {exc}); {resign}") from None
-    signed = _signed_files(sig)
+    signed = _signed_files(data)
     if signed is None:
         raise BundleError(f"bundle {folder}: {SIGNATURE} is not a per-file sha256 signature; {resign}")
     uncovered = [n for n in files if n != SIGNATURE and n not in signed]

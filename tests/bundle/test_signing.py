@@ -256,3 +256,15 @@ def test_key_fingerprint_in_the_verify_line(signed, keys):
     spki = serialization.load_pem_public_key(pub.read_bytes()).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert hashlib.sha256(spki).hexdigest()[:16] in verify_bundle(signed, pub)
+
+
+def test_a_signature_that_leaves_files_out_is_refused(copy_bundle, keys):
+    """Signed elsewhere with model-signing's ignore_paths: the files it leaves out could be anything."""
+    from model_signing import hashing, signing
+
+    priv, pub, _ = keys
+    b = copy_bundle()
+    cfg = hashing.Config().set_ignored_paths(paths=[SIGNATURE, "weights.safetensors"], ignore_git_paths=False)
+    signing.Config().use_elliptic_key_signer(private_key=priv).set_hashing_config(cfg).sign(b, b / SIGNATURE)
+    with pytest.raises(BundleError, match="does not cover weights.safetensors"):
+        verify_bundle(b, pub)
