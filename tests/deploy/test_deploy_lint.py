@@ -26,14 +26,27 @@ def _save(model, path):
     return path
 
 
+# Known lint failures of zoo graphs: (arch, report name) -> (op, the start of the one error expected). Each is a
+# model to fix, not a lint to loosen: the entry must go when the model is fixed (the test then fails until it does).
+# raf: `(attention_mask.sum(1) - 1).clamp(min=0)` (fine_infer/models/raf.py) exports an INT64 Clip, which the 10.x
+# operator docs do not list (FP32/FP16/BF16 only); torch.maximum with a zero tensor exports Max, which takes INT64.
+KNOWN_LINT_ERRORS = {("raf", "compose"): ("Clip", "INT64 tensor"), ("raf", "compose:fp16"): ("Clip", "INT64 tensor")}
+
+
 @pytest.mark.parametrize("arch", arch_params())
 def test_every_zoo_graph_and_its_fp16_variant_pass_the_lint(deploy_bundle, arch, record_property):
     out, _, _ = deploy_bundle(arch)
     reports = lint_bundle(out)
-    assert reports and all(r.passed for r in reports.values()), {n: r.summary() for n, r in reports.items()}
-    assert any(name.endswith(":fp16") for name in reports)
+    assert reports and any(name.endswith(":fp16") for name in reports)
     for name, r in reports.items():
         record_property(name, r.summary())
+        known = KNOWN_LINT_ERRORS.get((arch, name))
+        if known is None:
+            assert r.passed, r.summary()
+        else:
+            assert [(f.op, f.problem.startswith(known[1])) for f in r.errors] == [(known[0], True)], (
+                f"{arch} {name}: expected only the known {known[0]} error (fixed? drop it from KNOWN_LINT_ERRORS): "
+                f"{r.summary()}")
 
 
 def test_the_table_names_its_tensorrt_version_and_source():
@@ -83,14 +96,22 @@ def test_int64_data_is_flagged_where_tensorrt_does_not_take_it(tmp_path):
     assert "INT64 tensor 'ids', 'w', 'mm'" in problem and "cast to a float type" in problem
 
 
-def test_int64_clip_is_a_warning_for_older_tensorrt(tmp_path):
-    x = helper.make_tensor_value_info("x", TensorProto.INT64, ["batch"])
-    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])
-    lo = helper.make_tensor("lo", TensorProto.INT64, [], [0])
+@pytest.mark.parametrize("onnx_type,trt_type", [(TensorProto.INT64, "INT64"), (TensorProto.INT32, "INT32")])
+def test_integer_clip_is_an_error(tmp_path, onnx_type, trt_type):
+    """The 10.x operator docs list Clip for FP32, FP16 and BF16 only (torch.clamp on integer tensors exports one)."""
+    x = helper.make_tensor_value_info("x", onnx_type, ["batch"])
+    y = helper.make_tensor_value_info("y", onnx_type, ["batch"])
+    lo = helper.make_tensor("lo", onnx_type, [], [0])
     report = lint_onnx(_save(_model([helper.make_node("Clip", ["x", "lo"], ["y"], name="clamp_len")], [x], [y], [lo]),
                              tmp_path / "clip.onnx"))
-    assert report.passed and [f.node for f in report.warnings] == ["clamp_len"]
-    assert "cast to INT32 for older TensorRT 10" in report.warnings[0].problem
+    assert not report.passed and [f.node for f in report.errors] == ["clamp_len"] and not report.warnings
+    assert f"{trt_type} tensor 'x'" in report.errors[0].problem
+    assert "Clip takes FP32, FP16, BF16" in report.errors[0].problem
+    f = helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch"])
+    g = helper.make_tensor_value_info("g", TensorProto.FLOAT, ["batch"])
+    flo = helper.make_tensor("flo", TensorProto.FLOAT, [], [0.0])
+    assert lint_onnx(_save(_model([helper.make_node("Clip", ["f", "flo"], ["g"])], [f], [g], [flo]),
+                           tmp_path / "fclip.onnx")).passed
 
 
 def test_dynamic_dims_must_be_named_axes_a_profile_covers(tmp_path):
