@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``: no arbitrary unpickling).
 
     Official checkpoints that nest the state dict under ``model``, ``state_dict`` or ``model_state_dict``
-    (yahoo/maaf) are unwrapped."""
+    (yahoo/maaf) are unwrapped. The one class beyond tensors and plain containers that the unpickler accepts is
+    ``argparse.Namespace``: yahoo/maaf's 2020 ``main.py`` saves its options (``'opt'``) beside the weights."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -26,7 +28,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is reported the same way
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     for key in ("model", "state_dict", "model_state_dict"):

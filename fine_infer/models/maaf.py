@@ -196,8 +196,11 @@ def _validate(config: MAAFConfig) -> None:
 
 
 # --- official layouts -------------------------------------------------------------------------------------------------
-_DROP_PREFIXES = ("normalization_layer.", "loss.", "soft_triplet_loss.", "composer.m.", "model.", "image_model.fc.",
-                  "image_model.model.fc.", "img_model.fc.", "img_model.model.fc.")
+# Training-only or duplicate: the metric head's scale (2020: normalization_layer, 2021: head.*), losses, the encoder's
+# aliases (composer.m, model), the unused fc head, and the 2020 composer's own copy of the feed-forward block
+# (composer.ff, deep-copied into every layer: the layers' copies are the ones that run).
+_DROP_PREFIXES = ("normalization_layer.", "head.", "loss.", "soft_triplet_loss.", "composer.m.", "composer.ff.",
+                  "model.", "image_model.fc.", "image_model.model.fc.", "img_model.fc.", "img_model.model.fc.")
 
 
 def is_official_layout(state: dict[str, torch.Tensor]) -> bool:
@@ -206,8 +209,9 @@ def is_official_layout(state: dict[str, torch.Tensor]) -> bool:
 
 
 def map_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename yahoo/maaf keys to ours and drop the duplicates (``composer.m``/``model`` alias the encoder), the
-    unused ``fc`` head and the training-only normalisation scale."""
+    """Rename yahoo/maaf keys to ours and drop the duplicates (``composer.m``/``model`` alias the encoder), the 2020
+    composer's unused ``composer.ff`` block, the unused ``fc`` head and the training-only metric head
+    (``normalization_layer`` in 2020, ``head.normalization_layer`` in 2021)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if k.startswith(_DROP_PREFIXES):

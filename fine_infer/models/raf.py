@@ -199,9 +199,9 @@ class RAF(ZooModel):
         """Map a yahoo/maaf ``ClipResMAAF`` state dict to ours; our own layout passes through.
 
         Drops the aliases the official module registers twice (``clip.*`` = the whole CLIP model, ``model.*`` = the
-        encoder) and the training-only ``normalization_layer``; renames the encoder and ``text_model.model`` →
-        ``text_model.transformer``; permutes the token embedding from CLIP's ids (start 49406, end 49407) to ours
-        (pad 0, start 1, end 2, CLIP's id + 3)."""
+        encoder) and the training-only metric head (``head.normalization_layer``); renames the encoder and
+        ``text_model.model`` → ``text_model.transformer``; permutes the token embedding from CLIP's ids (start 49406,
+        end 49407) to ours (pad 0, start 1, end 2, CLIP's id + 3)."""
         state = {k.removeprefix("module."): v for k, v in state.items()}
         if not is_official_layout(state):
             return state
@@ -235,7 +235,9 @@ def _validate(config: RAFConfig) -> None:
 
 
 # --- official layout ----------------------------------------------------------------------------------------------
-_DROP_PREFIXES = ("clip.", "model.", "normalization_layer.", "loss.")
+# CLIP registered whole (clip.*) and the encoder's alias (model.*), and training only: the metric head
+# (head.normalization_layer.norm_s, as src/maaf/train.py saves it; normalization_layer.* in older layouts) and losses.
+_DROP_PREFIXES = ("clip.", "model.", "head.", "normalization_layer.", "loss.")
 
 
 def is_official_layout(state: dict[str, torch.Tensor]) -> bool:

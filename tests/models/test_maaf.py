@@ -232,14 +232,70 @@ def _official_state(model: MAAF, layout: str, official_rows: torch.Tensor) -> di
         for key in keys:
             out[key] = v
     out["text_model.embedding_layer.weight"] = official_rows
-    out["normalization_layer.norm_s"] = torch.tensor([math.log(4.0)])
+    d, ff = model.config.embed_dim, model.config.ff_dim
     if layout == "2020":  # the unused fc head the 2020 image model keeps, under both of its names
         out["img_model.model.fc.0.weight"] = out["img_model.fc.0.weight"] = torch.zeros(32, 256)
+        # SequenceConcatComposer keeps the feed-forward block it deep-copies into every layer as `self.ff`
+        out.update({"composer.ff.w_1.weight": torch.randn(ff, d), "composer.ff.w_1.bias": torch.randn(ff),
+                    "composer.ff.w_2.weight": torch.randn(d, ff), "composer.ff.w_2.bias": torch.randn(d)})
+        out["normalization_layer.norm_s"] = torch.tensor([math.log(4.0)])  # ImgTextCompositionBase's own
+    else:  # src/maaf: the metric head (heads.Metric) holds the NormalizationLayer
+        out["head.normalization_layer.norm_s"] = torch.tensor([math.log(4.0)])
     return out
+
+
+class _Unlisted:
+    """A class no checkpoint may bring along (the loader never unpickles arbitrary objects)."""
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_main_py_checkpoint_with_argparse_options_loads(tmp_path, zipfile):
+    """yahoo/maaf's 2020 main.py saves {'it', 'opt': argparse.Namespace, 'model_state_dict'}: weights_only=True
+    refuses the Namespace unless that one class is allowed; any other class is still refused."""
+    import argparse
+
+    a, b = _tiny(seed=0), _tiny(seed=1)
+    opt = argparse.Namespace(model="sequence_concat_attention", embed_dim=32, number_attention_blocks=2,
+                             att_layer_spec="34", learning_rate=1e-2, whole_model_path=None, resolutionwise_pool=True,
+                             savedir="", image_model_arch="resnet50", lr_decay_steps=[5, 10])
+    path = tmp_path / "latest_checkpoint.pth"
+    torch.save({"it": 1234, "opt": opt, "model_state_dict": a.state_dict()}, path,
+               _use_new_zipfile_serialization=zipfile)
+    b.load_checkpoint(path)
+    ex = _inputs(a)
+    torch.testing.assert_close(_compose(b, ex), _compose(a, ex))
+
+    torch.save({"it": 1, "opt": _Unlisted(), "model_state_dict": a.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="_Unlisted"):
+        _tiny().load_checkpoint(path)
+
+
+def test_official_2020_checkpoint_drops_the_composer_ff_copy(tmp_path):
+    """The paper-era code (yahoo/maaf e7a49f9) stores `composer.ff.*`, the feed-forward block it deep-copies into the
+    layers: strict loading must drop it, not report it as unexpected."""
+    words = ["red", "dress", "blue"]
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(["<UNK>", *words]) + "\n", encoding="utf-8")
+    ours = _tiny(seed=0, vocab_file=str(vocab_file), vocab_size=len(words) + 2)
+    emb = ours.text_model.embedding_layer.weight.detach()
+    tok = ours.build_tokenizer()
+    state = _official_state(ours, "2020", torch.stack([emb[1]] + [emb[tok.token_to_id(w)] for w in words]))
+    assert {k for k in state if k.startswith("composer.ff.")} == {f"composer.ff.w_{i}.{p}" for i in (1, 2)
+                                                                 for p in ("weight", "bias")}
+    path = tmp_path / "ckpt_epoch100.pth"
+    torch.save(state, path)
+    loaded = _tiny(seed=5, vocab_file=str(vocab_file), vocab_size=len(words) + 2)
+    loaded.load_checkpoint(path)  # strict
+    ex = _inputs(ours)
+    torch.testing.assert_close(_compose(loaded, ex), _compose(ours, ex))
 
 
 @pytest.mark.parametrize("layout", ["2020", "2021"])
 def test_official_checkpoint_layout_maps(tmp_path, layout):
+    """Both code generations as their training scripts save them: 2020 main.py ({'it', 'opt', 'model_state_dict'},
+    composer.ff, normalization_layer), 2021 train.py ({'it', 'model_state_dict'}, head.normalization_layer)."""
+    import argparse
+
     words = ["red", "dress", "with", "stripes", "blue", "shorter", "sleeves", "and", "a", "collar"]
     random.Random(3).shuffle(words)
     vocab_file = tmp_path / "vocab.txt"
@@ -249,7 +305,10 @@ def test_official_checkpoint_layout_maps(tmp_path, layout):
     emb = ours.text_model.embedding_layer.weight.detach()
     official_rows = torch.stack([emb[1]] + [emb[tok.token_to_id(w)] for w in words])  # official order
     path = tmp_path / "official.pt"
-    torch.save(_official_state(ours, layout, official_rows), path)
+    container = {"it": 50, "model_state_dict": _official_state(ours, layout, official_rows)}
+    if layout == "2020":
+        container["opt"] = argparse.Namespace(dataset="fashioniq", embed_dim=32)
+    torch.save(container, path)
 
     loaded = _tiny(seed=5, vocab_file=str(vocab_file), vocab_size=len(words) + 2)
     loaded.load_checkpoint(path)

@@ -179,6 +179,8 @@ def test_key_mismatch_is_a_checkpoint_error(tmp_path):
 
 
 def test_official_clipresmaaf_layout_maps(tmp_path):
+    """A ClipResMAAF checkpoint as yahoo/maaf's src/maaf/train.py saves it: {'it', 'model_state_dict'}, CLIP registered
+    twice, the encoder aliased as `model`, and the metric head's scale under `head.normalization_layer`."""
     ours = _tiny(seed=0)
     official: dict[str, torch.Tensor] = {}
     for k, v in ours.state_dict().items():
@@ -194,9 +196,9 @@ def test_official_clipresmaaf_layout_maps(tmp_path):
         if k.startswith("image_model.model."):  # ClipResMAAF also registers the whole CLIP model as `clip`
             official["clip.visual." + k[len("image_model.model."):]] = v
     official["clip.logit_scale"] = torch.tensor(4.6)
-    official["normalization_layer.norm_s"] = torch.tensor([math.log(4.0)])
-    path = tmp_path / "official.pt"
-    torch.save(official, path)
+    official["head.normalization_layer.norm_s"] = torch.tensor([math.log(4.0)])  # heads.Metric, training only
+    path = tmp_path / "latest_checkpoint.pth"
+    torch.save({"it": 4321, "model_state_dict": official}, path)
 
     loaded = _tiny(seed=7)
     with pytest.warns(UserWarning, match="vocab_file"):
