@@ -96,6 +96,12 @@ class TextPreprocess:
     ``tokenizer`` is ``wordpiece`` (BERT), ``bpe`` (CLIP) or ``word`` (MAAF's word vocabulary); the tokenizer itself
     ships in the bundle as ``tokenizer.json``. ``padding="max_length"`` pads every batch to ``max_length`` (needed
     where the model pools over padding, as Fashion-FINE's paper does); ``"longest"`` pads to the longest text.
+
+    The official text conventions, applied to each raw string before the tokenizer (optional fields, written only
+    when set, so older manifests read and hash the same; :mod:`fine_infer.textclean` defines them): ``clean`` names a
+    cleaning (``"pre_caption"``: Fashion-FINE's; ``"clip"``: CLIP's ftfy/HTML/whitespace cleaning and lowercasing)
+    with its arguments ``clean_args`` (e.g. ``{"max_words": 30}``); then ``template`` (holding ``{text}`` once) wraps
+    the cleaned text, as ``"the image description is {text}"``.
     """
 
     tokenizer: str
@@ -105,10 +111,21 @@ class TextPreprocess:
     first_word_id: int = 0  # ids below this are special tokens; example inputs draw above it
     lowercase: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    template: str | None = None
+    clean: str | None = None
+    clean_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fine_infer.textclean import check_conventions
+
+        check_conventions(self.clean, self.clean_args, self.template)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if not (k in _TEXT_OPTIONAL and v == _TEXT_OPTIONAL[k])}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextPreprocess":
         return cls(**d)
+
+
+_TEXT_OPTIONAL: dict[str, Any] = {"template": None, "clean": None, "clean_args": {}}

@@ -24,6 +24,7 @@ import numpy as np
 
 from fine_infer.errors import ConfigError, InputError
 from fine_infer.specs import TextPreprocess
+from fine_infer.textclean import apply_conventions
 
 # The words of the generated catalogue's captions and relative captions (and a few more), so the tiny
 # tokenizers cover the demo's queries with whole-word tokens.
@@ -67,9 +68,16 @@ def _chars() -> list[str]:
     return list("abcdefghijklmnopqrstuvwxyz0123456789-'.,!?&/")
 
 
+# Fashion-FINE's (FashionSAP's) category signs: its retrieval.py registers them with
+# tokenizer.add_tokens(..., special_tokens=True), so with its vocab.txt (ids 1-9) each is one token, never split.
+FASHION_SIGN_TOKENS = ("[tops_sign]", "[pants_sign]", "[skirts_sign]", "[dresses_sign]", "[coats_sign]",
+                       "[shoes_sign]", "[bags_sign]", "[accessories_sign]", "[others_sign]")
+
+
 def wordpiece_tokenizer(max_length: int, vocab_file: str | Path | None = None, padding: str = "max_length"):
-    """A BERT WordPiece tokenizer from ``vocab_file`` (one token per line, BERT's ``vocab.txt``) or built-in words."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    """A BERT WordPiece tokenizer from ``vocab_file`` (one token per line, BERT's ``vocab.txt``) or built-in words.
+    The :data:`FASHION_SIGN_TOKENS` the vocabulary holds are one token each."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
     if vocab_file is not None:
         tokens = Path(vocab_file).read_text(encoding="utf-8").splitlines()
@@ -83,6 +91,9 @@ def wordpiece_tokenizer(max_length: int, vocab_file: str | Path | None = None, p
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    signs = [t for t in FASHION_SIGN_TOKENS if t in vocab]
+    if signs:  # matched on the lowercased text, as the slow BertTokenizer lowercases before it splits them off
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in signs])
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
@@ -147,13 +158,20 @@ def bpe_tokenizer(max_length: int, merges_file: str | Path | None = None, paddin
     Ids follow this module's convention (pad 0, start 1, end 2, then CLIP's vocabulary order: base bytes, base
     bytes with ``</w>``, one token per merge), so a real CLIP checkpoint's token embedding needs the matching row
     permutation; the arch's checkpoint filter owns that.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    Pre-tokenized as CLIP's ``SimpleTokenizer``: its regex (``'s``/``'t``/… contractions, runs of letters, single
+    digits, runs of other non-space characters; case-insensitive), each piece as UTF-8 bytes with ``</w>`` on its
+    end, and ``<|startoftext|>``/``<|endoftext|>`` in the text as those tokens. CLIP's cleaning (ftfy, HTML entities,
+    whitespace, lowercase) is not expressible in ``tokenizers``: it is :func:`fine_infer.textclean.clip_clean`, which
+    the text preprocess names (``clean="clip"``) and :func:`encode` applies.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.Lowercase()
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("(?i)" + _CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     if merges_file is not None:
         opener = gzip.open if str(merges_file).endswith(".gz") else open
         with opener(merges_file, "rt", encoding="utf-8") as f:
@@ -170,6 +188,7 @@ def bpe_tokenizer(max_length: int, merges_file: str | Path | None = None, paddin
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in _CLIP_SPECIALS[1:]])
     start, end = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", start), ("<|endoftext|>", end)]
@@ -178,6 +197,8 @@ def bpe_tokenizer(max_length: int, merges_file: str | Path | None = None, paddin
 
 
 _BUILTIN_BPE_SIZE = 1024  # ids of the built-in BPE vocabulary at most (the tiny RAF's vocab_size)
+# CLIP's pre-tokenizing regex (clip/simple_tokenizer.py; the \p classes are Unicode letters and numbers)
+_CLIP_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
 def normalise_word_text(text: str) -> str:
@@ -187,7 +208,8 @@ def normalise_word_text(text: str) -> str:
 
 
 def word_tokenizer(max_length: int, words: Sequence[str] | None = None, padding: str = "longest"):
-    """MAAF's word-level tokenizer: cleaned as :func:`normalise_word_text`, whitespace split, unknown → ``<unk>``."""
+    """MAAF's word-level tokenizer: cleaned as :func:`normalise_word_text`, split on whitespace as ``str.split()``
+    (``\x1c``-``\x1f`` included), unknown → ``<unk>``."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
     # Special markers such as MAAF's "<UNK>" (line 0 of its vocabulary) are not words: cleaning would make "unk".
@@ -201,6 +223,9 @@ def word_tokenizer(max_length: int, words: Sequence[str] | None = None, padding:
             normalizers.Replace(Regex(r"[^\x00-\x7f]"), ""),
             normalizers.Replace(Regex("[" + re.escape(string.punctuation) + "]"), ""),
             normalizers.Lowercase(),
+            # str.split() also splits on \x1c-\x1f (WhitespaceSplit does not); the rest of its whitespace that
+            # WhitespaceSplit lacks is not ASCII, so already gone
+            normalizers.Replace(Regex("[\x1c-\x1f]"), " "),
         ]
     )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -237,7 +262,9 @@ def load_tokenizer(path: str | Path):
 def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Encode strings to ``(input_ids, attention_mask)``, both int64 of shape (batch, sequence).
 
-    Empty texts are refused. A text longer than ``spec.max_length`` tokens is refused unless ``truncate`` is set
+    Each text is first cleaned and templated as ``spec`` says (``clean``, ``clean_args``, ``template``:
+    :mod:`fine_infer.textclean`), as the official pipeline did to raw text. Empty texts are refused. A text longer
+    than ``spec.max_length`` tokens is refused unless ``truncate`` is set
     (then it is cut, keeping the end token), so a query is never silently shortened.
     """
     if isinstance(texts, str):
@@ -251,7 +278,7 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
             raise InputError(blank_text_message(i))
         if len(t) > MAX_TEXT_CHARS:
             raise InputError(f"text {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS}")
-    encodings = tokenizer.encode_batch(list(texts))
+    encodings = tokenizer.encode_batch(apply_conventions(texts, spec.clean, spec.clean_args, spec.template))
     L = spec.max_length
     rows = []
     for i, enc in enumerate(encodings):

@@ -21,6 +21,13 @@ The whole adapter (pooling, projections, integration, normalisation) runs throug
 Text: ``tokenizer(text, padding='max_length', truncation=True, max_length=180)`` in ``retrieval.py``; since the
 unmasked pooler averages over padding, embeddings depend on the padded length and the tokenizer must pad to 180.
 ``mask_text_padding=True`` restricts the pooler to real tokens (not the paper; changes the embeddings).
+The texts it embeds (queries for text→image, gallery for image→text alike) are
+``"the image description is " + pre_caption(caption)`` (``dataset/fashiongen_dataset.py``; ``pre_caption`` of
+``dataset/utils.py`` with no word limit), and the tokenizer has the nine category signs (``[tops_sign]`` …) added as
+special tokens: the paper preset's text preprocess names the cleaning and the template (``text_clean``,
+``text_template``), so raw query text gets the official ids, and with the official ``vocab.txt`` each sign is one
+token (:data:`fine_infer.tokenization.FASHION_SIGN_TOKENS`). The tiny preset, trained on the catalogue's raw captions,
+has neither.
 Images: resized straight to 256×256 (bicubic, no crop), CLIP mean/std.
 
 Parameter names mirror the official module, so an official checkpoint loads after dropping training-only
@@ -72,6 +79,10 @@ class FashionFineConfig:
     r_text: float = 0.25  # text_patch_ratio
     mask_text_padding: bool = False  # the paper pools over padding too; True restricts pooling to real tokens
     vocab_file: str | None = None  # BERT vocab.txt (FashionSAP's fashion_annotation/vocab.txt for real weights)
+    # The official evaluation's text convention (dataset/fashiongen_dataset.py, the retrieval texts): every text is
+    # pre_caption-cleaned, then put after "the image description is " (None: raw text, as the tiny preset trained)
+    text_clean: str | None = "pre_caption"
+    text_template: str | None = "the image description is {text}"
 
 
 def paper_config() -> FashionFineConfig:
@@ -95,6 +106,8 @@ def tiny_config() -> FashionFineConfig:
         max_text_len=32,
         max_positions=64,
         embed_dim=32,
+        text_clean=None,  # trained on the catalogue's raw captions (fine_infer.tools.train): no template, no cleaning
+        text_template=None,
     )
 
 
@@ -179,9 +192,12 @@ class FashionFine(ZooModel):
 
     @property
     def text_preprocess(self) -> TextPreprocess:
-        """BERT WordPiece, padded to ``max_text_len`` (the unmasked pooler depends on the padded length)."""
+        """BERT WordPiece, padded to ``max_text_len`` (the unmasked pooler depends on the padded length), with the
+        official cleaning and template where the config names them (the paper preset)."""
+        c = self.config
         return TextPreprocess(
-            tokenizer="wordpiece", max_length=self.config.max_text_len, padding="max_length", pad_id=0, first_word_id=5
+            tokenizer="wordpiece", max_length=c.max_text_len, padding="max_length", pad_id=0, first_word_id=5,
+            clean=c.text_clean, template=c.text_template,
         )
 
     # --- checkpoints --------------------------------------------------------------------------------------------

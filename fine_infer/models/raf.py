@@ -189,9 +189,11 @@ class RAF(ZooModel):
     @property
     def text_preprocess(self) -> TextPreprocess:
         # "longest" padding is exact here: the causal mask keeps padding out of every position up to the end token,
-        # and the fusion and the text mean mask it.
+        # and the fusion and the text mean mask it. clean="clip": CLIP's ftfy/HTML/whitespace cleaning and
+        # lowercasing, before the tokenizer (every preset: on the catalogue's plain captions it changes nothing).
         return TextPreprocess(
-            tokenizer="bpe", max_length=self.config.context_length, padding="longest", pad_id=0, first_word_id=3
+            tokenizer="bpe", max_length=self.config.context_length, padding="longest", pad_id=0, first_word_id=3,
+            clean="clip",
         )
 
     # --- checkpoints --------------------------------------------------------------------------------------------
