@@ -10,7 +10,10 @@ optional dependency names the extra that installs it. Nothing imports this packa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import select
 import sys
 from typing import Callable, Sequence
 
@@ -54,6 +57,32 @@ def _extra_for(exc: ImportError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fine-infer`` console script."""
+    try:
+        try:
+            return _main(argv)  # (--help and argparse errors leave by SystemExit)
+        finally:
+            sys.stdout.flush()  # a reader gone shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # another pipe or socket of the command: not ours to hide
+        # The reader went away (`fine-infer info B | head -1`): stop quietly, with the status of a process that
+        # SIGPIPE ended, and point stdout at /dev/null so the interpreter's last flush does not fail again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error or hang-up on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout: assume it is stdout's
+        return True
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -21,11 +21,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """
     import fine_infer
     from fine_infer.batching import BatchSettings
-    from fine_infer.serve import Limits, check_bind, create_app, run
+    from fine_infer.serve import Limits, bind_socket, check_bind, create_app, run
 
-    # Before loading anything, a refused bind, a bad setting or a bad bench file fails fast.
+    # Before loading anything, a refused bind, a busy port, a bad setting or a bad bench file fails fast.
     api_key = api_key_from_env(args.api_key_env)
     check_bind(args.host, api_key)
+    limits = Limits(**{f: getattr(args, f) for f in _limit_fields()})
+    sock = bind_socket(args.host, args.port)
     batching = BatchSettings(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                              adaptive_delay=not args.fixed_delay, lanes=args.lanes)
     bench = None
@@ -42,21 +44,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fine_infer.index import Index
 
         index = Index.load(args.index, mmap=args.mmap)
-    defaults = Limits()
-    limits = Limits(
-        max_body_bytes=args.max_body_bytes or defaults.max_body_bytes,
-        max_image_pixels=args.max_image_pixels or defaults.max_image_pixels,
-        max_text_tokens=args.max_text_tokens,
-        max_batch_items=args.max_batch_items or defaults.max_batch_items,
-        max_k=args.max_k or defaults.max_k,
-    )
-    app = create_app(session, index, batching=batching, limits=limits, api_key=api_key)
+    app = create_app(session, index, batching=batching, limits=limits, api_key=api_key,
+                     allow_index_mismatch=args.allow_index_mismatch)
     print(f"fine-infer serve: {args.bundle} ({session.manifest.arch or session.manifest.source}, {session.backend})"
           + (f", index {args.index} ({len(index)} items)" if index is not None else "")
           + f" on http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), file=sys.stderr)
-    run(app, args.host, args.port, api_key=api_key, log_level=args.log_level, access_log=args.access_log,
-        graceful_s=args.graceful_timeout)
-    return 0
+    clean = run(app, args.host, args.port, sock=sock, api_key=api_key, log_level=args.log_level,
+                access_log=args.access_log, graceful_s=args.graceful_timeout)
+    return 0 if clean else 1  # 0 after a drained SIGTERM too; 1 when requests were cut off
+
+
+# Limits fields -> (metavar, help) of the `serve` option of the same name (`_s` dropped): one line each, the default
+# shown from Limits itself.
+_LIMIT_HELP = {
+    "max_body_bytes": ("BYTES", "largest request body (413 beyond)"),
+    "max_image_pixels": ("PIXELS", "largest image, from its header before decoding (413 beyond)"),
+    "max_request_pixels": ("PIXELS", "decoded pixels of all images of one request together, from their headers "
+                                     "(413 beyond): bounds the decoding one request can cost"),
+    "max_text_tokens": ("TOKENS", "longest text in tokens (default: %(default)s = the model's maximum)"),
+    "max_text_chars": ("CHARS", "longest text in characters, on every path (400 beyond; at most 4096)"),
+    "max_batch_items": ("N", "images or texts in one request"),
+    "max_k": ("K", "most hits one search may ask for"),
+    "request_timeout_s": ("SECONDS", "longest a request may take, from its headers to its answer (504 beyond)"),
+    "read_timeout_s": ("SECONDS", "longest a request's headers may take to arrive from its first byte, and its "
+                                  "body after them (408 and the connection closed)"),
+    "idle_timeout_s": ("SECONDS", "an open connection that sends nothing this long is closed"),
+    "max_connections": ("N", "open connections at most: more are answered 503 with Retry-After and closed (the "
+                             "open-file limit is raised to fit when the system allows)"),
+    "max_queue": ("N", "/v1 requests in progress at most (read, decoded, queued or run): more are answered 429 "
+                       "with Retry-After"),
+    "max_header_bytes": ("BYTES", "largest request head, request line and headers (431 beyond)"),
+}
+
+
+def _limit_fields() -> list[str]:
+    from dataclasses import fields
+
+    from fine_infer.serve.limits import Limits
+
+    return [f.name for f in fields(Limits)]
+
+
+def _positive_number(flag: str, kind: type) -> Any:
+    def parse(s: str) -> int | float:
+        try:
+            v = kind(s)
+        except ValueError:
+            v = 0
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{flag} takes a positive {'integer' if kind is int else 'number'}, "
+                                             f"got {s!r}")
+        return v
+
+    return parse
+
+
+def _add_limit_args(s: argparse.ArgumentParser) -> None:
+    """One option per :class:`~fine_infer.serve.Limits` field, its default that of the field."""
+    from dataclasses import fields
+
+    from fine_infer.serve.limits import Limits
+
+    for f in fields(Limits):
+        metavar, text = _LIMIT_HELP[f.name]
+        flag = "--" + f.name.removesuffix("_s").replace("_", "-")
+        kind = float if f.name.endswith("_s") else int
+        default = f.default
+        s.add_argument(flag, dest=f.name, type=_positive_number(flag, kind), default=default, metavar=metavar,
+                       help=text if "%(default)" in text else text + " (default: %(default)s)")
 
 
 def with_bench_sizes(batching: BatchSettings, result: Mapping[str, Any], session: Any, source: str) -> BatchSettings:
@@ -96,12 +151,10 @@ def register(add: AddCommand) -> None:
                    help="always wait --max-delay-ms for batch-mates (default: only when several requests are queued)")
     s.add_argument("--bench-json", help="take each graph's batch size from a `fine-infer bench --json` result")
     s.add_argument("--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR")
-    s.add_argument("--max-body-bytes", type=positive("--max-body-bytes"))
-    s.add_argument("--max-image-pixels", type=positive("--max-image-pixels"))
-    s.add_argument("--max-text-tokens", type=positive("--max-text-tokens"),
-                   help="default: the model's maximum text length")
-    s.add_argument("--max-batch-items", type=positive("--max-batch-items"), help="images/texts per request")
-    s.add_argument("--max-k", type=positive("--max-k"))
+    _add_limit_args(s)
+    s.add_argument("--allow-index-mismatch", action="store_true",
+                   help="serve an --index that records another bundle than this one (refused otherwise: its hits "
+                        "would be meaningless)")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to finish in-flight requests on SIGTERM")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -1,13 +1,31 @@
 """``fine-infer serve``: an HTTP JSON API over a bundle (and an index), with cross-request batching.
 
 Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client, python-multipart). Nothing in fine-infer imports
-this package; it sits on top of the runtime, the batching and the index.
+this package; it sits on top of the runtime, the batching and the index. Its names load on first use, so the CLI
+reads :class:`Limits` (its option defaults) without importing FastAPI.
 """
 
-from fine_infer.serve.app import classify_outputs, create_app
-from fine_infer.serve.limits import LimitExceeded, Limits, ServeError
-from fine_infer.serve.server import ServerThread, check_bind, is_loopback, run
-from fine_infer.serve.state import ServeState
+from __future__ import annotations
 
-__all__ = ["LimitExceeded", "Limits", "ServeError", "ServeState", "ServerThread", "check_bind", "classify_outputs",
-           "create_app", "is_loopback", "run"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "classify_outputs": "app", "create_app": "app",
+    "LimitExceeded": "limits", "Limits": "limits", "ServeError": "limits",
+    "ServerThread": "server", "bind_socket": "server", "check_bind": "server", "is_loopback": "server", "run": "server",
+    "ServeState": "state",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fine_infer.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fine_infer.serve.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -113,6 +113,10 @@ class Guard:
                     f"the request took longer than {lim.request_timeout_s:g} s (limit request_timeout_s)", status=504,
                     type="timeout", limit="request_timeout_s", limit_value=lim.request_timeout_s,
                     headers={"Connection": "close"}))
+        except asyncio.CancelledError:  # the graceful shutdown ran out of time: this request is not answered
+            st.cancelled += 1
+            status = "cancelled"
+            raise
         except ClientDisconnect:
             status = "disconnected"
             log.debug("client went away during %s %s", scope["method"], scope["path"])

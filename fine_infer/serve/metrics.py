@@ -1,7 +1,9 @@
 """Prometheus metrics of the server, in a registry of its own (several apps in one process never clash).
 
 - ``fine_infer_http_requests_total{route,method,status}`` and ``fine_infer_http_request_duration_seconds{route}``
-- ``fine_infer_http_requests_in_flight``
+- ``fine_infer_http_requests_in_flight``; a request whose client went away is counted with ``status="disconnected"``
+- ``fine_infer_connections_open``, ``fine_infer_connections_refused_total`` (over ``max_connections``) and
+  ``fine_infer_connection_timeouts_total{phase}`` (:mod:`fine_infer.serve.connections`)
 - ``fine_infer_batch_size{graph}`` (rows per model run), ``fine_infer_batch_requests{graph}`` (requests merged),
   ``fine_infer_batch_duration_seconds{graph}`` (model time per batch)
 - ``fine_infer_queue_depth{graph}``, ``fine_infer_max_batch_size{graph}`` and ``fine_infer_lanes{graph}`` (batches in
@@ -55,6 +57,12 @@ class Metrics:
         self.latency = Histogram("fine_infer_http_request_duration_seconds", "HTTP request latency by route",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("fine_infer_http_requests_in_flight", "HTTP requests being served", registry=r)
+        self.connections_open = Gauge("fine_infer_connections_open", "Open client connections", registry=r)
+        self.connections_refused = Counter("fine_infer_connections_refused", "Connections refused (503) over "
+                                           "max_connections", registry=r)
+        self.connection_timeouts = Counter("fine_infer_connection_timeouts", "Connections closed by a timeout: "
+                                           "idle (nothing sent), headers (408), headers_too_large (431), body",
+                                           ["phase"], registry=r)
         self.batch_rows = Histogram("fine_infer_batch_size", "Rows per model run", ["graph"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("fine_infer_batch_requests", "Requests merged into one model run", ["graph"],
@@ -65,7 +73,7 @@ class Metrics:
             r.register(_BatcherCollector(state))
         self._children: dict[tuple, Any] = {}  # labelled children cached: .labels() is the costly part
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int | str, seconds: float) -> None:
         """Count one HTTP request and its latency."""
         key = (route, method, status)
         child = self._children.get(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,7 +27,7 @@ class ServeState:
     """What the app serves: the session, its batcher, the index, the limits, and readiness."""
 
     def __init__(self, session: Any, index: Any | None = None, *, batching: BatchSettings | None = None,
-                 limits: Limits | None = None, api_key: str | None = None) -> None:
+                 limits: Limits | None = None, api_key: str | None = None, allow_index_mismatch: bool = False) -> None:
         self.session = session
         self.index = index
         self.batching = batching if batching is not None else BatchSettings()
@@ -39,15 +40,41 @@ class ServeState:
         self.ready = False
         self.error: str | None = None
         self.draining = False
+        self.cancelled = 0  # requests cancelled unanswered (the graceful shutdown ran out of time)
+        self.drained = False  # set by close(): the batchers drained and no request was cancelled
         self.cpu_limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
-        self._check_index()
+        self._check_index(allow_index_mismatch)
 
-    def _check_index(self) -> None:
+    def _check_index(self, allow_mismatch: bool) -> None:
+        """Refuse an index built by another bundle: another dimension always; another bundle identity (what
+        ``fine-infer index`` records: ``attrs["bundle_identity"]``, :meth:`Manifest.identity`), or, for an index
+        that records only the bundle's path (``attrs["bundle"]``), another path, unless ``allow_mismatch``: its hits
+        would be meaningless."""
+        if self.index is None:
+            return
         dim = self.session.manifest.embed_dim
         idim = getattr(self.index, "dim", None)
-        if self.index is not None and dim and idim and int(idim) != int(dim):
+        if dim and idim and int(idim) != int(dim):
             raise ConfigError(f"the index holds {idim}-d vectors but the bundle embeds to {dim}-d; "
                               "index the gallery with this bundle")
+        attrs = getattr(self.index, "attrs", None) or {}
+        built_by, identity = attrs.get("bundle"), attrs.get("bundle_identity")
+        here = str(Path(self.session.bundle.path).resolve())
+        problem = None
+        if identity:
+            mine = self.session.manifest.identity()
+            if identity != mine:
+                problem = (f"the index was built by another bundle ({built_by or 'path not recorded'}, identity "
+                           f"{str(identity)[:12]}…; this bundle's is {mine[:12]}…)")
+        elif built_by and str(built_by) != here:
+            problem = (f"the index was built by the bundle at {built_by}, not {here} (it records no bundle identity "
+                       "to compare: re-index to record one)")
+        if problem is None:
+            return
+        if not allow_mismatch:
+            raise ConfigError(f"{problem}: its hits would be meaningless; index the gallery with this bundle, or "
+                              "pass --allow-index-mismatch if the two are known to embed alike")
+        log.warning("serving despite a mismatch (--allow-index-mismatch): %s", problem)
 
     def prepare(self) -> None:
         """Warm every graph up and calibrate its batch size (unless fixed); then mark the server ready."""
@@ -89,3 +116,4 @@ class ServeState:
         self.batcher.close(drain=True)
         if self.searcher is not None:
             self.searcher.close()
+        self.drained = self.cancelled == 0

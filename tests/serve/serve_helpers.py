@@ -2,7 +2,9 @@
 
 import base64
 import io
+import socket
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,3 +71,26 @@ def run_concurrently(fn, items, workers=16):
     with ThreadPoolExecutor(workers) as ex:
         futs = [ex.submit(fn, x) for x in items]
         return [f.result(timeout=DEADLINE_S) for f in futs]
+
+
+def free_port():
+    """A loopback port free now (for a server started as a process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc, timeout=DEADLINE_S):
+    """Poll ``url``/readyz until 200 while ``proc`` (the server process) lives, bounded by ``timeout``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready in {timeout} s")
