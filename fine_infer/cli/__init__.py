@@ -32,6 +32,13 @@ _EXTRAS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except on on/off flags (their default is the flag's absence)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = argparse.ArgumentParser(prog="fine-infer", description="The fine-infer command line: export, validate, run, "
@@ -40,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=fn.__doc__)
+        # every option's help shows its default (an option without help text is a bug: tests/test_cli_help.py)
+        sp = sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=_HelpFormatter)
         sp.set_defaults(fn=fn)
         return sp
 

@@ -14,6 +14,12 @@ from fine_infer.errors import ConfigError
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
+def add_bundle_arg(sp: argparse.ArgumentParser, help: str = "bundle folder (written by fine-infer export)",
+                   **kwargs: Any) -> None:
+    """The positional BUNDLE argument most commands take."""
+    sp.add_argument("bundle", help=help, **kwargs)
+
+
 def add_backend_args(sp: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--variant``, shared by every command that runs a bundle."""
     from fine_infer.runtime import BACKENDS

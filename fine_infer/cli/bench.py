@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from fine_infer.cli._args import AddCommand, api_key_from_env, positive
+from fine_infer.cli._args import AddCommand, add_bundle_arg, api_key_from_env, positive
 from fine_infer.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ def register(add: AddCommand) -> None:
     from fine_infer.tools.bench import BACKENDS as BENCH_BACKENDS
 
     b = add("bench", cmd_bench, "latency and throughput per backend and batch size (or of a running server)")
-    b.add_argument("bundle", nargs="?")
+    add_bundle_arg(b, "bundle folder to time in this process (or give --serve URL)", nargs="?")
     b.add_argument("--backend", nargs="+", choices=list(BENCH_BACKENDS),
                    help="backends to time (default: all; those that cannot run here are skipped with a reason)")
     b.add_argument("--batch-sizes", nargs="+", type=positive("--batch-sizes"), help="default: 1 2 4 8 16 32")

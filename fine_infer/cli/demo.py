@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fine_infer.cli._args import AddCommand
+from fine_infer.cli._args import AddCommand, positive
 from fine_infer.errors import ConfigError
 
 
@@ -31,13 +31,15 @@ def register(add: AddCommand) -> None:
     """Register ``catalogue`` and ``demo``."""
     c = add("catalogue", cmd_catalogue, "write sample garment images (the generated catalogue) to a folder")
     c.add_argument("out", help="folder to write <id>-<category>-<colour>-<pattern>.png and catalogue.json into")
-    c.add_argument("--items", type=int, default=100)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--items", type=positive("--items"), default=100, help="how many garments to draw")
+    c.add_argument("--seed", type=int, default=0, help="catalogue seed (the same seed draws the same items)")
     c.add_argument("--size", type=int, default=96, help="image side in pixels")
-    c.add_argument("--held-out", action="store_true", default=True,
-                   help="draw from the held-out split the shipped models never saw (default)")
-    c.add_argument("--training-split", dest="held_out", action="store_false", help="draw training-split items")
+    c.add_argument("--held-out", dest="held_out", action="store_true", default=argparse.SUPPRESS,
+                   help="draw from the held-out split the shipped models never saw (the default)")
+    c.add_argument("--training-split", dest="held_out", action="store_false", default=True,
+                   help="draw training-split items instead")
 
     d = add("demo", cmd_demo, "tiny end-to-end demo: export, index a generated catalogue, search, time")
     d.add_argument("--workdir", help="where to write the bundle and index (default: a temp folder)")
-    d.add_argument("--items", type=int, default=200, help="held-out catalogue items besides the queried products")
+    d.add_argument("--items", type=positive("--items"), default=200,
+                   help="held-out catalogue items besides the queried products")

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from fine_infer.cli._args import AddCommand
+from fine_infer.cli._args import AddCommand, add_bundle_arg
 from fine_infer.errors import BundleError, ConfigError
 
 
@@ -55,9 +55,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def register(add: AddCommand) -> None:
     """Register ``sign`` and ``verify``."""
     s = add("sign", cmd_sign, "sign a bundle with a release key (model-signing, elliptic-curve PEM)")
-    s.add_argument("bundle")
+    add_bundle_arg(s)
     s.add_argument("--key", required=True, metavar="KEY.pem", help="the private key (P-256, P-384 or P-521, PEM)")
     s.add_argument("--password-env", metavar="VAR", help="read the password of an encrypted key from variable VAR")
     v = add("verify", cmd_verify, "check a bundle's signature against a public key (exit 1 when it fails)")
-    v.add_argument("bundle")
+    add_bundle_arg(v)
     v.add_argument("--public-key", required=True, metavar="PUB.pem", help="the public key of the signing key pair")

@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from fine_infer.cli._args import AddCommand
+from fine_infer.cli._args import AddCommand, add_bundle_arg
 
 
 
@@ -56,7 +56,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def register(add: AddCommand) -> None:
     """Register ``tune`` with the CLI's ``add(name, fn, help)`` helper."""
     t = add("tune", cmd_tune, "measure the CPU paths of a bundle and store the fastest gated one for backend=auto")
-    t.add_argument("bundle")
+    add_bundle_arg(t)
     t.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes to time (default 1 8)")
     t.add_argument("--graphs", nargs="+", help="graphs to time (default: all)")
     t.add_argument("--threads", type=int, help="intra-op threads of ONNX Runtime and OpenVINO (default: theirs)")
