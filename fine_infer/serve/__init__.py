@@ -14,6 +14,7 @@ _WHERE = {
     "classify_outputs": "app", "create_app": "app",
     "LimitExceeded": "limits", "Limits": "limits", "ServeError": "limits",
     "ServerThread": "server", "bind_socket": "server", "check_bind": "server", "is_loopback": "server", "run": "server",
+    "wait_ready": "server",
     "ServeState": "state",
 }
 

@@ -12,7 +12,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fine_infer.errors import ConfigError
 from fine_infer.serve.limits import Limits
@@ -138,6 +138,25 @@ def run(
     return not server.force_exit and (state is None or state.drained)
 
 
+def wait_ready(url: str, timeout: float = 60.0, died: Callable[[], str | None] | None = None) -> None:
+    """Poll ``url/readyz`` until it answers 200, bounded by ``timeout``; ``died()``, when given, says why the server
+    is gone (then RuntimeError at once) or None while it runs."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        why = died() if died is not None else None
+        if why:
+            raise RuntimeError(f"the server at {url} is gone: {why}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not become ready in {timeout} s")
+
+
 class ServerThread:
     """The app on uvicorn in a background thread, on an ephemeral loopback port (tests, ``bench_serve``)::
 
@@ -170,17 +189,7 @@ class ServerThread:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll ``/readyz`` until it answers 200 (bounded by ``timeout``)."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.url} did not become ready in {timeout} s")
+        wait_ready(self.url, timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful stop: as on SIGTERM."""

@@ -4,7 +4,6 @@ import base64
 import io
 import socket
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -82,15 +81,6 @@ def free_port():
 
 def wait_ready(url, proc, timeout=DEADLINE_S):
     """Poll ``url``/readyz until 200 while ``proc`` (the server process) lives, bounded by ``timeout``."""
-    import httpx
+    from fine_infer.serve import wait_ready as wait
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} not ready in {timeout} s")
+    wait(url, timeout, died=lambda: None if proc.poll() is None else proc.stderr.read().decode())
