@@ -23,7 +23,9 @@ storage dtype), ``scales`` (int8: float32 per dimension), ``colmax`` (float32 pe
 ``float32`` (optional row-major count x dim copies), ``ids`` (int64), ``meta`` (UTF-8 JSON: attrs, metadata per id).
 
 The writer streams each section through sha256 into a temp file, seeks back to write the header, fsyncs and renames
-(:func:`fine_infer._atomic.atomic_writer`): a crash at any moment leaves the previous file as it was.
+(:func:`fine_infer._atomic.atomic_writer`): a crash at any moment leaves the previous file as it was. A kill leaves
+the temp file (as large as the index) beside it: every later write and read of that path removes the temps of
+writers that no longer run (:func:`fine_infer._atomic.remove_stale_temps`).
 
 ``load(mmap=True)`` memory-maps ``vectors`` and ``float32``. Their checksums are verified by streaming the file
 through sha256 in 16 MB reads (constant memory; the mapped pages are not touched), unless ``verify=False``, which
@@ -32,6 +34,7 @@ skips that pass for a fast start on a trusted file. The small sections are alway
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -41,7 +44,7 @@ from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 
-from fine_infer._atomic import atomic_writer
+from fine_infer._atomic import atomic_writer, remove_stale_temps
 from fine_infer.errors import IndexFileError
 
 MAGIC = b"FINEIDX\x1a"
@@ -102,6 +105,7 @@ def _chunks(a: np.ndarray) -> Iterable[memoryview]:
 def write(path: str | Path, *, dim: int, dtype: str, count: int, panel: int, sections: list[tuple[str, Any]],
           float32_copies: bool) -> None:
     """Write an index file atomically. ``sections``: (name, ndarray or bytes) in file order."""
+    sweep(path)
     n = len(sections)
     hsize = _header_size(n)
     table: list[tuple[str, int, int, bytes]] = []
@@ -129,6 +133,13 @@ def write(path: str | Path, *, dim: int, dtype: str, count: int, panel: int, sec
         f.write(head)
 
 
+def sweep(path: str | Path) -> None:
+    """Remove the temp files of ``path`` that killed writers left behind; one that cannot be removed (a read-only
+    folder) stays, and the read or write goes on."""
+    with contextlib.suppress(OSError):
+        remove_stale_temps(path)
+
+
 def fail(path: Path, problem: str) -> IndexFileError:
     return IndexFileError(f"{path}: {problem}")
 
@@ -151,6 +162,7 @@ def _hash_range(f: BinaryIO, offset: int, length: int) -> bytes:
 def read(path: str | Path, *, mmap: bool = False, verify: bool = True) -> IndexFile:
     """Read and check an index file; raise :class:`IndexFileError` naming the problem."""
     path = Path(path)
+    sweep(path)
     try:
         size = path.stat().st_size
         f = open(path, "rb")
