@@ -99,8 +99,8 @@ def _stub_sdist(folder: Path, name: str, version: str) -> None:
     dist = name.replace("-", "_")
     setup = "raise SystemExit('stub: would download the real wheel from NVIDIA at install time')\n"
     with tarfile.open(folder / f"{dist}-{version}.tar.gz", "w:gz") as tar:
-        for path, text in ((f"{dist}-{version}/setup.py", setup),
-                           (f"{dist}-{version}/PKG-INFO", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")):
+        pkg_info = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        for path, text in ((f"{dist}-{version}/setup.py", setup), (f"{dist}-{version}/PKG-INFO", pkg_info)):
             data = text.encode()
             info = tarfile.TarInfo(path)
             info.size = len(data)
