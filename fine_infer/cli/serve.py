@@ -71,8 +71,8 @@ _LIMIT_HELP = {
     "idle_timeout_s": ("SECONDS", "an open connection that sends nothing this long is closed"),
     "max_connections": ("N", "open connections at most: more are answered 503 with Retry-After and closed (the "
                              "open-file limit is raised to fit when the system allows)"),
-    "max_queue": ("N", "/v1 requests in progress at most (read, decoded, queued or run): more are answered 429 "
-                       "with Retry-After"),
+    "max_queue": ("N", "/v1 requests in progress at most once their body is in (decoded, queued or run): more are "
+                       "answered 429 with Retry-After"),
     "max_header_bytes": ("BYTES", "largest request head, request line and headers (431 beyond)"),
 }
 

@@ -13,6 +13,7 @@ buffer. So the server runs on :class:`GuardedHttpProtocol`, uvicorn's httptools 
   ``max_header_bytes`` (408 / 431, then closed);
 - a body backstop: the app answers a body slower than ``read_timeout_s`` with 408 (:mod:`fine_infer.serve.guard`,
   which reads it); should the app not be reading, the connection is closed a second after that.
+- a request the parser refuses answered 400 in the documented JSON error shape (uvicorn's is plain text).
 
 Each refusal and timeout is counted (``fine_infer_connections_refused_total``,
 ``fine_infer_connection_timeouts_total{phase}``) and ``fine_infer_connections_open`` gauges the open ones.
@@ -29,13 +30,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from fine_infer.serve.limits import RETRY_AFTER_S, Limits
 
 BODY_GRACE_S = 1.0  # the backstop closes a slow body this long after the app's own 408 would have answered it
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 
 
-def _answer(status: int, kind: str, message: str, limit: str, value: float, retry: bool = False) -> bytes:
+def _answer(status: int, kind: str, message: str, limit: str | None = None, value: float = 0,
+            retry: bool = False) -> bytes:
     """A whole HTTP/1.1 error response (the documented JSON error shape) that closes the connection."""
-    body = json.dumps({"error": {"type": kind, "message": f"{message} (limit {limit} = {value:g})", "limit": limit,
-                                 "limit_value": value}}, separators=(",", ":")).encode()
+    err: dict[str, Any] = {"type": kind, "message": message}
+    if limit is not None:
+        err.update(message=f"{message} (limit {limit} = {value:g})", limit=limit, limit_value=value)
+    body = json.dumps({"error": err}, separators=(",", ":")).encode()
     head = [b"HTTP/1.1 %d %s" % (status, _REASONS[status]), b"content-type: application/json",
             b"content-length: %d" % len(body), b"connection: close"]
     if retry:
@@ -84,6 +89,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)  # this chunk left the headers incomplete: all of it was headers
             if self._header_bytes > self.limits.max_header_bytes:
                 self._timeout_or_refuse("headers_too_large")
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refuses: answered in the documented error shape (uvicorn's is plain text)."""
+        self._close(_answer(400, "bad_request", f"malformed HTTP request ({msg.rstrip('.')})"))
 
     # --- httptools parser callbacks ---------------------------------------------------------------------------------
     def on_message_begin(self) -> None:

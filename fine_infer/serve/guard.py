@@ -1,7 +1,7 @@
 """The app's outermost layer, as pure ASGI middleware (cheaper than ``BaseHTTPMiddleware``): the API key, the body
 size limit (by ``Content-Length`` and while a body streams), the body read timeout, admission (at most
-``max_queue`` work requests at once, 429 beyond), the request timeout, request metrics, and a JSON 500 for anything
-unhandled. A client that goes away before its answer is a disconnect (metric label ``status="disconnected"``, one
+``max_queue`` work requests at once once their bodies are in, 429 beyond), the request timeout, request metrics, and a
+JSON 500 for anything unhandled. A client that goes away before its answer is a disconnect (metric label ``status="disconnected"``, one
 debug line), not an error.
 """
 
@@ -23,7 +23,7 @@ from fine_infer.serve.state import ServeState
 log = logging.getLogger("fine_infer.serve")
 
 PROTECTED_PREFIXES = ("/v1/", "/metrics")  # need the API key when one is set; health and the schema do not
-WORK_PREFIX = "/v1/"  # POSTs under it are admitted against max_queue
+WORK_PREFIX = "/v1/"  # POSTs under it are admitted against max_queue once their body is in
 _ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
 
 
@@ -57,7 +57,7 @@ class Guard:
         self.app = app
         self.state = state
         self.paths = paths  # label requests answered before routing (401, 413) by path when it is a known one
-        self.admitted = 0  # work requests being served now (the event loop's only: no lock)
+        self.admitted = 0  # work requests with their body in, being served now (the event loop's only: no lock)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -78,6 +78,18 @@ class Guard:
 
         admitted = False
         timer = asyncio.timeout(lim.request_timeout_s)
+
+        def admit() -> None:
+            """Called once the body is in: a slow upload holds a connection (read_timeout_s bounds it), not a place
+            in the queue of work."""
+            nonlocal admitted
+            if self.admitted >= lim.max_queue:
+                raise LimitExceeded("max_queue", lim.max_queue, f"the server is busy: {self.admitted} requests are "
+                                    f"in progress; retry after {RETRY_AFTER_S} s", 429,
+                                    headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.admitted += 1
+            admitted = True
+
         st.metrics.in_flight.inc()
         try:
             path = scope["path"]
@@ -95,16 +107,9 @@ class Guard:
                 except LimitExceeded as exc:
                     await send_error(send_wrapper, exc)
                     return
-            if scope["method"] == "POST" and path.startswith(WORK_PREFIX):
-                if self.admitted >= lim.max_queue:
-                    await send_error(send_wrapper, LimitExceeded(
-                        "max_queue", lim.max_queue, f"the server is busy: {self.admitted} requests are in progress; "
-                        f"retry after {RETRY_AFTER_S} s", 429, headers={"Retry-After": str(RETRY_AFTER_S)}))
-                    return
-                self.admitted += 1
-                admitted = True
+            work = scope["method"] == "POST" and path.startswith(WORK_PREFIX)
             async with timer:
-                await self.app(scope, _guarded_receive(receive, lim), send_wrapper)
+                await self.app(scope, _guarded_receive(receive, lim, admit if work else None), send_wrapper)
         except TimeoutError:
             if not timer.expired():
                 raise
@@ -149,9 +154,10 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
-def _guarded_receive(receive: Any, limits: Limits) -> Any:
+def _guarded_receive(receive: Any, limits: Limits, admit: Any = None) -> Any:
     """A receive() that refuses a body growing past ``max_body_bytes`` while it streams (chunked bodies have no
-    length), and one not all arrived within ``read_timeout_s`` of the headers (408)."""
+    length), and one not all arrived within ``read_timeout_s`` of the headers (408); once the body is in, ``admit()``
+    (which may refuse: 429)."""
     seen = 0
     done = False
     deadline = time.monotonic() + limits.read_timeout_s
@@ -169,6 +175,8 @@ def _guarded_receive(receive: Any, limits: Limits) -> Any:
             seen += len(message.get("body", b""))
             limits.check_body_length(seen)
             done = not message.get("more_body", False)
+            if done and admit is not None:
+                admit()
         return message
 
     return wrapped

@@ -71,7 +71,7 @@ class Limits:
     read_timeout_s: float = 15.0  # for a request's headers to arrive, and again for its body: then 408
     idle_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # open connections; more are answered 503 and closed at once
-    max_queue: int = 256  # /v1 requests admitted at once (read, decoded, queued or run); more: 429
+    max_queue: int = 256  # /v1 requests in progress with their body in (decoded, queued or run); more: 429
     max_header_bytes: int = 64 * 1024  # a request's headers (the parser sets no bound of its own): more: 431
 
     def __post_init__(self) -> None:
