@@ -79,17 +79,19 @@ class ClassifyResponse(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    """What went wrong; ``limit``/``field`` name the limit or the request field at fault where there is one."""
+    """What went wrong; ``limit``/``field`` name the limit or the request field at fault where there is one
+    (``limit_value``: a count, or seconds for the ``*_timeout_s`` limits)."""
 
     type: str
     message: str
     limit: Optional[str] = None
-    limit_value: Optional[int] = None
+    limit_value: Optional[float] = None
     field: Optional[str] = None
 
 
 class ErrorResponse(BaseModel):
-    """Every 4xx/5xx answer."""
+    """Every 4xx/5xx answer: bad input (400, 413, 415, 422), a slow client (408, 431), too much at once (429 and 503,
+    with ``Retry-After``), a request past its time (504)."""
 
     error: ErrorDetail
 
