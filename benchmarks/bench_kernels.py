@@ -12,7 +12,7 @@ Cases (fp16 unless noted; see benchmarks/KERNELS.md for the counts and the predi
 - ``attention``: MAAF, B=32, L=260 (245 image + text, padded), 8 heads × 64; RAF, B=32, L=127, 8 heads × 128.
   Providers: the kernel, the eager reference, ``F.scaled_dot_product_attention`` with the boolean mask.
 - ``fusion_block``: one MAAF block (D=512, FF=128, L=260) and one RAF block (D=1024, FF=256, L=127).
-- ``similarity_topk``: N=1M × D=256 gallery, k=10, Q=1 and 64, fp16 and fp32. Providers: the kernel,
+- ``similarity_topk``: N=1M × D=256 gallery (fp16 or fp32), fp32 queries, k=10, Q=1 and 64. Providers: the kernel,
   ``torch.topk(q @ g.T)``, FAISS ``IndexFlatIP`` (GPU if faiss has GPU support, else CPU, Q=1 only) when installed.
 
 Timing: ``triton.testing.do_bench`` (median of CUDA-event timings after warm-up; the first call of each kernel
@@ -186,7 +186,9 @@ def search_cases(dev: str, dt, small: bool) -> list[Case]:
         if faiss_search is not None:
             providers["faiss"] = lambda q=queries, f=faiss_search: f(q)
         size = 2 if dt == torch.float16 else 4
-        out.append(Case(f"similarity_topk Q={Q} N={N} D={D} k={k} {str(dt)[6:]}", 2 * Q * N * D, N * D * size,
+        # fp32 queries: over an fp16 gallery the kernel scores them as two fp16 halves (fp32 precision, twice the
+        # tensor-core FLOPs, still under the gallery's memory time); the FLOPs column counts the math, 2·Q·N·D
+        out.append(Case(f"similarity_topk Q={Q} N={N} D={D} k={k} fp32 q, {str(dt)[6:]} g", 2 * Q * N * D, N * D * size,
                         providers, check, fp32=dt == torch.float32, baseline="torch.topk"))
     return out
 

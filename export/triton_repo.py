@@ -157,7 +157,8 @@ def _readme(bundle, models: dict[str, dict[str, Any]]) -> str:
         for n, r in plans.items():
             lines.append(f"| `{n}` | TensorRT {r.get('tensorrt_version')} | "
                          f"{'yes' if r.get('version_compatible') else 'no'} | "
-                         f"{r.get('hardware_compatibility', 'none')} | {r.get('gpu')} (sm {r.get('compute_capability')}) |")
+                         f"{r.get('hardware_compatibility', 'none')} | "
+                         f"{r.get('gpu')} (sm {r.get('compute_capability')}) |")
         lines.append("")
         if any(r.get("version_compatible") for r in plans.values()):
             lines += ["Version-compatible plans embed TensorRT's lean runtime: start the server with",

@@ -1,10 +1,13 @@
 """Triton kernel of the attention-fusion core: masked multi-head self-attention with an online softmax
 (FlashAttention's forward, non-causal, with a key-padding mask). Private: imported only to run a kernel.
 
-One program per (``BLOCK_M`` queries, batch × head). It streams the keys and values in ``BLOCK_N`` tiles, keeping a
-running max ``m``, sum ``l`` and output accumulator per query, so the (L, L) score matrix never reaches memory. Any
-``L`` works (the last tiles are masked); a key tile whose keys are all padding is skipped; a query whose keys are
-all masked has ``l = 0`` and returns zeros, never NaN (the running max is replaced by 0 while it is still ``-inf``).
+One program per (``BLOCK_M`` queries, batch × head), on a one-dimensional grid (``x`` takes 2³¹-1 programs; ``y``
+and ``z`` only 65535, which a bulk batch × heads exceeds): program ``p`` is query block ``p % tiles`` of head
+``p // tiles``, so the query blocks of one head run side by side and share its keys in L2. It streams the keys and
+values in ``BLOCK_N`` tiles, keeping a running max ``m``, sum ``l`` and output accumulator per query, so the (L, L)
+score matrix never reaches memory. Any ``L`` works (the last tiles are masked); a key tile whose keys are all padding
+is skipped; a query whose keys are all masked has ``l = 0`` and returns zeros, never NaN (the running max is replaced
+by 0 while it is still ``-inf``).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ def _attention_fwd_kernel(
 
     ``L_BUCKET`` (the next power of two of ``L``) is unused by the body: it is the autotuning key, so a new text
     length re-uses its bucket's blocks instead of re-tuning (and recompiles at most once per bucket)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    tiles = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % tiles
+    pid_bh = pid // tiles
     b = (pid_bh // num_heads).to(tl.int64)  # 64-bit batch/head offsets for large batches
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,7 +116,7 @@ def attention_fusion(
         return out
     mask = key_padding_mask.to(torch.bool).view(torch.uint8) if key_padding_mask is not None else None
     _fwd.launch(
-        lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H),
+        lambda m: (triton.cdiv(L, m["BLOCK_M"]) * B * H,),  # one axis: B·H may exceed grid-y's 65535
         q, k, v, mask if mask is not None else q, out,
         H, L, D, D ** -0.5 * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

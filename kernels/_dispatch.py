@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import threading
 from collections import Counter
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -154,6 +155,36 @@ def use_kernel(op: str, tensors: Sequence[torch.Tensor | None], unsupported: Pro
             choice = reason is None and present[0].device.type == "cuda"
     COUNTS[(op, "triton" if choice else "reference")] += 1
     return choice
+
+
+# --- shapes seen, for warming the kernels up (fine_infer.kernels.record_shapes / warm_up) ---------------------------
+
+_recorders: list[dict] = []  # every active record_shapes() collects here, from every thread
+_recorders_lock = threading.Lock()
+
+
+def note(op: str, tensors: Sequence[torch.Tensor | None], **shape: object) -> None:
+    """Record a call of ``op`` with ``shape`` (sizes, dtypes, flags) in every active :func:`recording`; free when none
+    is active. Calls made while torch traces are not recorded (they run nothing)."""
+    if not _recorders or is_tracing([t for t in tensors if t is not None]):
+        return
+    key = (op, tuple(sorted(shape.items())))
+    with _recorders_lock:
+        for r in _recorders:
+            r[key] = r.get(key, 0) + 1
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict]:
+    """Collect ``{(op, shape items): calls}`` of every kernel entry point called in any thread while active."""
+    seen: dict = {}
+    with _recorders_lock:
+        _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        with _recorders_lock:
+            _recorders.remove(seen)
 
 
 # --- output allocation -------------------------------------------------------------------------------------------

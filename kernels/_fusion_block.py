@@ -11,6 +11,11 @@
    ``_norm_ffn_kernel``: ``+ b_o``, norm2, ``w_1``, ReLU, ``w_2``, ``+ b_2`` and the residual in one program per
    ``BLOCK_M`` rows — the FFN is narrow (F = 128 for MAAF, 256 for RAF), so its hidden activations stay in
    registers and the (B·L, F) tensor never reaches memory.
+
+The norm + FFN kernel's shared memory grows with the FFN width (:func:`ffn_shared_bytes`): its configs are pruned to
+the device's limit (163 KB on an Orin, 227 KB on an H100, 99 KB on sm_86/89), a smaller block (16 × 16) is tried only
+when nothing else fits (fp32 with FF = 1024 on an Orin), and a width no config fits is refused before launching
+(:func:`ffn_unsupported`; the ``auto`` backend then runs the reference).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import triton.language as tl
 
 from fine_infer.kernels import _dispatch
 from fine_infer.kernels._attention import attention_fusion
-from fine_infer.kernels._triton_utils import Launcher, configs, next_pow2
+from fine_infer.kernels._triton_utils import Launcher, configs, next_pow2, shared_memory_limit
 from fine_infer.kernels.reference import NORM_KINDS, FusionBlockWeights
 
 DTYPES = (torch.float16, torch.float32)
@@ -128,11 +133,51 @@ _norm = Launcher(
     key=["D"],
     interpret={"BLOCK_M": 16, "BLOCK_D": 128},
 )
+FFN_SPACE = [{"BLOCK_M": m, "BLOCK_D": d} for m in (16, 32, 64) for d in (32, 64)]
+FFN_SMALL = {"BLOCK_M": 16, "BLOCK_D": 16}  # tried only when no block of FFN_SPACE fits the device's shared memory
+
+
+def ffn_shared_bytes(block_m: int, block_d: int, block_f: int, elem_bytes: int) -> int:
+    """Shared memory of one norm + FFN program: the second GEMM's operands, the hidden (BLOCK_M, BLOCK_F) block and a
+    (BLOCK_F, BLOCK_D) block of W2ᵀ, plus a (BLOCK_M, BLOCK_D) layout conversion, in the weights' dtype. Exact for the
+    compiled kernels measured with Triton 3.7 / ptxas (e.g. fp32, 16 × 32, FF 1024: 198,656 B), and checked as an
+    upper bound against every compile of tests/kernels/test_gpu_compile.py."""
+    return elem_bytes * (block_m * block_f + block_f * block_d + block_m * block_d)
+
+
+def fit_ffn_configs(cfgs, shared_limit: int | None, block_f: int, elem_bytes: int) -> list:
+    """The configs of ``cfgs`` whose program fits ``shared_limit`` bytes (None: no limit, the interpreter); the small
+    fallback block only when no regular one fits. Empty when none does."""
+    fits = [c for c in cfgs if shared_limit is None
+            or ffn_shared_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], block_f, elem_bytes) <= shared_limit]
+    return [c for c in fits if c.kwargs != FFN_SMALL] or fits
+
+
+def ffn_unsupported(ff: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why no norm + FFN config fits ``device`` for an FFN of width ``ff`` in ``dtype`` (None: one does)."""
+    limit = shared_memory_limit(device)
+    if limit is None:
+        return None
+    block_f, size = next_pow2(ff, 16), torch.empty((), dtype=dtype).element_size()
+    if fit_ffn_configs(_ffn.configs, limit, block_f, size):
+        return None
+    need = min(ffn_shared_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], block_f, size) for c in _ffn.configs)
+    return (f"FFN width {ff} in {str(dtype)[6:]} needs {need // 1024} KB of shared memory per program; "
+            f"{device} has {limit // 1024} KB")
+
+
+def _prune_ffn(cfgs, named_args, **kwargs):
+    """Autotuner hook: the configs that fit the device's shared memory (the wrapper has refused a width none fits)."""
+    w1 = named_args["w1_ptr"]
+    return fit_ffn_configs(cfgs, shared_memory_limit(w1.device), kwargs["BLOCK_F"], w1.element_size())
+
+
 _ffn = Launcher(
     _norm_ffn_kernel,
-    configs([{"BLOCK_M": m, "BLOCK_D": d} for m in (16, 32, 64) for d in (32, 64)], warps=(4, 8), stages=(2,)),
+    configs(FFN_SPACE, warps=(4, 8), stages=(2,)) + configs([FFN_SMALL], warps=(4,), stages=(2,)),
     key=["D", "FF"],
     interpret={"BLOCK_M": 32, "BLOCK_D": 64},
+    prune=_prune_ffn,
 )
 
 
@@ -165,6 +210,9 @@ def fusion_block(
     if tuple(w.ffn1_weight.shape) != (FF, D) or tuple(w.ffn2_weight.shape) != (D, FF) or FF > MAX_FFN:
         raise ValueError(f"fusion_block: ffn weights ({FF}, {D}) and ({D}, {FF}) with FF <= {MAX_FFN} expected; got "
                          f"{tuple(w.ffn1_weight.shape)}, {tuple(w.ffn2_weight.shape)}")
+    why = ffn_unsupported(FF, x.dtype, x.device)
+    if why:
+        raise ValueError(f"fusion_block: {why}")
     out = _dispatch.check_out(out, (B, L, D), x.dtype, x.device)
     if out.numel() == 0:
         return out

@@ -13,6 +13,15 @@ memory. A tile is merged (a bitonic top-k of the ``2R`` keys) only when one of i
 k-th key — after the first tiles almost none does (about ``k·ln(N/k)`` insertions per query over a random
 gallery), so the scan runs at GEMM speed. Each split writes its ``R`` keys per query; the wrapper keeps the ``k``
 largest of ``splits × R`` (``torch.topk`` on unique int64 keys: exact) and decodes scores and indices.
+
+Precision: every dtype pair is scored to fp32 precision, as the reference does (promote, then fp32 dot products).
+fp32 × fp32 runs IEEE fp32 dots, fp16 queries over an fp32 gallery are widened. fp32 queries over an fp16 gallery
+(``SPLIT_Q``) keep the fp16 tensor cores without rounding the queries to fp16: each query row is scaled by a power of
+two (exact) to a maximum in [0.5, 1), split into ``hi = fp16(q)`` and ``lo = fp16((q - hi) · 2¹¹)``, and scored as
+``hi·g + lo·g / 2¹¹`` — two fp16 dots with fp32 accumulation, fp16 × fp16 products being exact in fp32. The query is
+then carried to ~2⁻²⁴ of its largest element (fp32's own rounding), so the indices are the fp32 reference's up to
+scores within fp32 rounding of each other; rounding the queries to fp16 instead agreed on only 95-98% of them. It
+costs a second tensor-core pass, well under the gallery's memory time (KERNELS.md).
 """
 
 from __future__ import annotations
@@ -94,10 +103,11 @@ def _similarity_topk_kernel(
     stride_qm, stride_qd,
     stride_gn, stride_gd,
     stride_kq, stride_ks,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, SPLIT_Q: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The best ``BLOCK_N`` keys of ``BLOCK_Q`` queries over one split of the gallery."""
+    """The best ``BLOCK_N`` keys of ``BLOCK_Q`` queries over one split of the gallery. ``SPLIT_Q``: fp32 queries over
+    an fp16 gallery, scored as two fp16 dots (see the module docstring)."""
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -112,19 +122,28 @@ def _similarity_topk_kernel(
         offs_n = t * BLOCK_N + cols
         n_ok = offs_n < N
         s = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+        s_lo = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            # The query is cast to the gallery dtype: an fp16 gallery runs on fp16 tensor cores (fp32 accumulate).
-            qd = tl.load(q_ptr + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                         mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(g_ptr.dtype.element_ty)
+            q = tl.load(q_ptr + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=q_ok[:, None] & d_ok[None, :], other=0.0)
             # 64-bit row offsets: a 1M × 256 gallery is 2^28 elements, 10M rows would overflow int32
             gt = tl.load(g_ptr + offs_n[None, :].to(tl.int64) * stride_gn + offs_d[:, None] * stride_gd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             if USE_DOT:
-                s = tl.dot(qd, gt, s, input_precision="ieee")
+                if SPLIT_Q:  # q = hi + lo / 2^11, both fp16: two tensor-core dots, products exact in fp32
+                    q32 = q.to(tl.float32)
+                    hi = q32.to(tl.float16)
+                    lo = ((q32 - hi.to(tl.float32)) * 2048.0).to(tl.float16)
+                    s = tl.dot(hi, gt, s, input_precision="ieee")
+                    s_lo = tl.dot(lo, gt, s_lo, input_precision="ieee")
+                else:  # same dtypes, or fp16 queries widened to an fp32 gallery: exact
+                    s = tl.dot(q.to(g_ptr.dtype.element_ty), gt, s, input_precision="ieee")
             else:  # fewer than 16 queries per program (large k): CUDA-core products, no tensor-core minimum
-                s += tl.sum(qd.to(tl.float32)[:, :, None] * gt.to(tl.float32)[None, :, :], axis=1)
+                s += tl.sum(q.to(tl.float32)[:, :, None] * gt.to(tl.float32)[None, :, :], axis=1)
+        if SPLIT_Q:
+            s += s_lo * (1.0 / 2048.0)
         keys = tl.where(n_ok[None, :], _pack_keys(s, offs_n), empty)
         if tl.sum((keys > kth[:, None]).to(tl.int32)) > 0:  # rare after the first tiles
             both = tl.reshape(tl.join(running, keys), (BLOCK_Q, 2 * BLOCK_N))
@@ -215,10 +234,16 @@ def similarity_topk(
     tps = tiles_per_split or _plan(Q, N, width, queries.device)
     splits = triton.cdiv(triton.cdiv(N, width), tps)
     keys = _dispatch.empty((Q, splits, width), torch.int64, queries.device)
+    split = width <= 256 and queries.dtype == torch.float32 and gallery.dtype == torch.float16
+    scale = None
     if width <= 256:
-        launcher, fixed = _scan, {"USE_DOT": True}
+        launcher, fixed = _scan, {"USE_DOT": True, "SPLIT_Q": split}
+        if split:  # each row scaled by a power of two (exact) to a maximum in [0.5, 1): hi and lo stay in fp16 range
+            _, exponent = torch.frexp(queries.abs().amax(dim=1))
+            scale = torch.ldexp(torch.ones(Q, device=queries.device), (-exponent).clamp(-126, 126))
+            queries = queries * scale[:, None]
     else:
-        launcher, fixed = _scan_wide, {"USE_DOT": False, "BLOCK_Q": max(1, 2048 // width)}
+        launcher, fixed = _scan_wide, {"USE_DOT": False, "SPLIT_Q": False, "BLOCK_Q": max(1, 2048 // width)}
     launcher.launch(
         lambda m: (triton.cdiv(Q, m["BLOCK_Q"]), splits),
         queries, gallery, keys,
@@ -230,6 +255,8 @@ def similarity_topk(
     )
     top = torch.topk(keys.view(Q, splits * width), k, dim=1, sorted=True).values
     scores, idx = _decode(top)
+    if scale is not None:
+        scores = scores / scale[:, None]  # a power of two: exact, and -inf stays -inf
     o_scores.copy_(scores)
     o_idx.copy_(idx)
     return o_scores, o_idx

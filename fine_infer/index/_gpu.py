@@ -1,6 +1,10 @@
 """Search on a CUDA device with torch: the gallery is cached on the device in its storage dtype and scored in chunks
 (``fine_infer.kernels.similarity_topk``, the Triton kernel on CUDA tensors, or torch matmul + sort without it).
 
+float16 rows are scored as they are stored (the kernel reads half the bytes and scores fp32 queries to fp32 precision:
+no copy of the gallery per search); int8 rows are widened to float16 (exact for -128..127) and their scales folded
+into the queries.
+
 torch is imported only here and only when a CUDA device is asked for or plausibly present, so a CPU edge box with the
 runtime extra (no torch) never pays for it.
 """
@@ -72,7 +76,9 @@ class GpuGallery:
         parts_s, parts_i = [], []
         with torch.no_grad():
             for lo in range(0, n, chunk):
-                g = self.rows[lo : lo + chunk].float()
+                g = self.rows[lo : lo + chunk]
+                if g.dtype not in (torch.float16, torch.float32):
+                    g = g.half()  # int8 values are exact in fp16
                 s, i = _topk(q, g, min(kk, g.shape[0]))
                 parts_s.append(s)
                 parts_i.append(i + lo)
@@ -95,7 +101,7 @@ def _topk(q: Any, g: Any, k: int) -> tuple[Any, Any]:
     except ImportError:  # kernels not installed: plain torch
         import torch
 
-        scores = q @ g.T
+        scores = q.float() @ g.float().T
         order = torch.sort(scores, dim=1, descending=True, stable=True)
         return order.values[:, :k], order.indices[:, :k]
     return similarity_topk(q, g, k)

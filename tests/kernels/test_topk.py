@@ -55,7 +55,35 @@ def test_topk_matches_reference(Q, N, D, k, dtypes):
     scores, idx = kernels.similarity_topk(queries, gallery, k, out=out)
     assert _dispatch.COUNTS[("similarity_topk", "triton")] == before + 1
     assert scores.data_ptr() == out[0].data_ptr() and idx.data_ptr() == out[1].data_ptr()
-    check_topk(queries, gallery, k, scores, idx, RTOL[dtypes[1]])
+    # fp32 precision whenever the queries are fp32 (an fp16 gallery included: the queries are not rounded to fp16)
+    check_topk(queries, gallery, k, scores, idx, RTOL[dtypes[0]] if dtypes[1] == torch.float16 else RTOL[dtypes[1]])
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 2.0**-100, 2.0**15, 2.0**100])
+def test_fp32_queries_over_an_fp16_gallery_give_the_fp32_indices(magnitude):
+    """The contract of mixed dtypes: the fp32 reference's top-k (queries in fp32, the fp16 gallery widened), not a
+    rounding of the queries to fp16 — which agreed on only 95-98% of the indices. Every index must be the reference's
+    except where two scores are within fp32 rounding; query magnitudes far outside fp16's range work too."""
+    Q, N, D, k = 48, 1500, 64, 10
+    gallery = torch.nn.functional.normalize(torch.randn(N, D), dim=1).half()
+    queries = torch.nn.functional.normalize(torch.randn(Q, D), dim=1) * magnitude
+    scores, idx = kernels.similarity_topk(queries, gallery, k)
+    exact = queries.double() @ gallery.double().T
+    ref = torch.sort(exact, dim=1, descending=True, stable=True)
+    tol = 4e-7 * (queries.double().abs() @ gallery.double().abs().T).amax(dim=1, keepdim=True)
+    check_topk(queries, gallery, k, scores, idx, 1e-6)
+    agree = idx == ref.indices[:, :k]
+    # a disagreement is allowed only where the reference's own k-th/k+1-th scores are that close (a near-tie)
+    near_tie = (ref.values[:, k - 1:k] - ref.values[:, k:k + 1]).abs() <= tol
+    assert (agree | near_tie).all(), f"{(~agree).sum().item()} of {agree.numel()} indices differ from fp32"
+    # Planted: two basis rows whose scores differ by 2^-12 (relative), below fp16's spacing at 1 (2^-10). Rounding the
+    # query to fp16 makes them tie (and the tie rule picks row 0); fp32 says row 1.
+    q = torch.tensor([[1 + 2**-13, 1 + 3 * 2**-13, 0.0, 0.0]]) * magnitude
+    g = torch.eye(4).half()
+    if magnitude == 1.0:
+        assert q.half()[0, 0] == q.half()[0, 1] == 1.0
+    _, top = kernels.similarity_topk(q, g, 1)
+    assert top.item() == 1
 
 
 @pytest.mark.parametrize("tiles_per_split,min_width", [(1, 16), (2, 16), (3, 64)])
@@ -124,3 +152,35 @@ def test_topk_when_later_tiles_cannot_enter():
     scores, idx = _topk.similarity_topk(queries, gallery, 5, min_width=16, tiles_per_split=40)
     check_topk(queries, gallery, 5, scores, idx, 1e-5)
     assert idx[0].tolist() == [0, 1, 2, 3, 4] and idx[1].tolist() == [499, 498, 497, 496, 495]
+
+
+@pytest.mark.parametrize("rows_dtype", ["float16", "int8"])
+def test_device_index_scores_stored_rows_without_widening_them(rows_dtype, monkeypatch):
+    """fine_infer.index._gpu hands float16 rows to the kernel as they are (int8 widened to float16, exact) and the
+    fp32 queries keep fp32 precision: the top-k is the exact fp32 one."""
+    import numpy as np
+
+    from fine_infer.index._gpu import GpuGallery
+
+    rng = np.random.default_rng(0)
+    if rows_dtype == "float16":
+        rows, scales = rng.standard_normal((600, 24)).astype(np.float16), None
+        dense = rows.astype(np.float64)
+    else:
+        rows = rng.integers(-127, 128, (600, 24)).astype(np.int8)
+        scales = rng.uniform(0.001, 0.01, 24).astype(np.float32)
+        dense = rows.astype(np.float64) * scales
+    queries = rng.standard_normal((5, 24)).astype(np.float32)
+    seen = []
+    real = kernels.similarity_topk
+    monkeypatch.setattr(kernels, "similarity_topk", lambda q, g, k: seen.append(g.dtype) or real(q, g, k))
+    scores, idx = GpuGallery("cpu", rows, scales, version=0).search(queries, 7)
+    assert seen and set(seen) == {torch.float16}
+    if scales is not None:
+        exact = (queries.astype(np.float64) * scales.astype(np.float32)).astype(np.float32).astype(np.float64) \
+            @ rows.astype(np.float64).T
+    else:
+        exact = queries.astype(np.float64) @ dense.T
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :7]
+    assert (idx == want).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, want, 1), rtol=1e-5, atol=1e-5)
