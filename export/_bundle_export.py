@@ -1,11 +1,13 @@
-"""Export a zoo model or any user ``nn.Module`` to a bundle, behind the checker and parity gates."""
+"""Export graphs to a bundle behind the checker and parity gates: a zoo model (:func:`export_model`), or any list of
+graph jobs with their tokenizer and preprocessing (:func:`_export_jobs`, behind user modules and Hugging Face
+folders). Every export records its reference inputs and outputs (``references.npz``) for later gates."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -15,15 +17,18 @@ from fine_infer.errors import ConfigError
 from fine_infer.export._onnx import check_onnx, export_graph
 from fine_infer.export.gates import (
     DEFAULT_BATCHES,
+    REFERENCES_FILE,
+    REFERENCES_KEY,
     GraphJob,
     InputSampler,
     ParityResult,
     check_parity,
     default_tolerance,
     summarize,
+    write_references,
 )
 from fine_infer.export.report import ExportReport, GateFailure, SealedCheck
-from fine_infer.specs import GraphSpec, TensorSpec
+from fine_infer.specs import ImagePreprocess, TextPreprocess
 
 
 def _run_jobs(
@@ -122,18 +127,10 @@ def export_model(
     out: str | Path,
     *,
     graphs: Sequence[str] | None = None,
-    opset: int | None = None,
-    exporter: str = "dynamo",
-    atol: float | None = None,
-    batch_sizes: Sequence[int] = DEFAULT_BATCHES,
-    force: bool = False,
-    gates: bool = True,
     include_weights: bool = True,
     preset: str | None = None,
-    variants: Sequence[str] = (),
-    lint: bool = False,
     checks: Sequence[SealedCheck] = (),
-    drop_failed_variants: bool = False,
+    **options: Any,
 ) -> ExportReport:
     """Export a zoo model (:class:`fine_infer.models.ZooModel`) to a bundle folder ``out``.
 
@@ -144,19 +141,22 @@ def export_model(
     export, and ``drop_failed_variants`` keeps the bundle without the failed ones instead (recorded in the manifest's
     ``validation.dropped_variants``). ``checks`` run on the sealed bundle before it is
     moved into place (e.g. :class:`fine_infer.tools.recall.RecallCheck`, the catalogue recall gate); each result
-    is recorded in the report and the manifest, and a failed one fails the export."""
+    is recorded in the report and the manifest, and a failed one fails the export. ``references`` records fixed
+    inputs and the fp32 PyTorch outputs for them (``references.npz``; :func:`fine_infer.export.gates.write_references`).
+
+    ``options``: ``opset``, ``exporter`` (``dynamo``/``legacy``), ``atol`` (fp32 parity, default 1e-4),
+    ``batch_sizes`` (default 1, 3, 8), ``force``, ``gates`` (default on), ``variants``, ``lint``,
+    ``drop_failed_variants``, ``references`` (default on), as :func:`_export_jobs` takes them.
+    """
     from fine_infer.models import config_to_dict
 
     t0 = time.perf_counter()
-    report = ExportReport(str(out))
-    tolerance = default_tolerance(atol)
     all_graphs = model.graphs()
     names = list(graphs or all_graphs)
     unknown = [n for n in names if n not in all_graphs]
     if unknown:
         raise ConfigError(f"arch {model.arch} has no graph(s) {unknown}; it has: {', '.join(all_graphs)}")
     text = model.text_preprocess
-    labels = model.class_labels
     jobs = [
         GraphJob(
             all_graphs[n],
@@ -167,32 +167,21 @@ def export_model(
         )
         for n in names
     ]
-    with BundleWriter(out, force=force) as writer:
-        entries = _run_jobs(jobs, writer, report, opset, exporter, tolerance, batch_sizes, gates)
-        variants = _deploy_steps(writer, entries, jobs, report, variants, lint, batch_sizes, gates,
-                                 drop_failed_variants)
-        tokenizer_file = None
-        tok = model.build_tokenizer()
-        if tok is not None:
-            tokenizer_file = "tokenizer.json"
-            tok.save(os.fspath(writer.path(tokenizer_file)))
-        weights_file = None
-        if include_weights:
-            from safetensors.torch import save_file
 
-            weights_file = "weights.safetensors"
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, os.fspath(writer.path(weights_file)))
-        manifest = Manifest(
-            graphs=entries, files={}, arch=model.arch, preset=preset, config=config_to_dict(model.config),
-            source="zoo", embed_dim=model.embed_dim, image=model.image_preprocess, text=text,
-            tokenizer=tokenizer_file, weights=weights_file, class_labels=labels, versions=tool_versions(),
-            validation=_validation_block(report, tolerance, batch_sizes),
-        )
-        _run_checks(checks, model, writer, manifest, report, variants)
-        report.seconds = time.perf_counter() - t0
-        writer.commit(manifest)
-    return report
+    def weights(writer: BundleWriter) -> dict[str, Any]:
+        if not include_weights:
+            return {}
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.fspath(writer.path("weights.safetensors")))
+        return {"weights": "weights.safetensors"}
+
+    return _export_jobs(
+        jobs, out, source="zoo", text=text, image=model.image_preprocess, tokenizer=model.build_tokenizer(),
+        config=config_to_dict(model.config), checks=checks, check_model=model, write_extra=weights,
+        fields={"arch": model.arch, "preset": preset, "embed_dim": model.embed_dim, "class_labels": model.class_labels},
+        started=t0, **options)
 
 
 def _run_checks(checks: Sequence[SealedCheck], model, writer: BundleWriter, manifest: Manifest, report: ExportReport,
@@ -214,24 +203,83 @@ def _run_checks(checks: Sequence[SealedCheck], model, writer: BundleWriter, mani
     writer.seal(manifest, rehash=False)
 
 
-def _probe_output_axes(module, inputs: dict[str, torch.Tensor], axes: dict[str, dict[int, str]]):
-    """Which output dims follow which named input axis: run the module with each axis grown by one."""
+def _export_jobs(
+    jobs: Sequence[GraphJob],
+    out: str | Path,
+    *,
+    source: str,
+    text: TextPreprocess | None = None,
+    image: ImagePreprocess | None = None,
+    tokenizer: Any = None,
+    config: dict[str, Any] | None = None,
+    versions: dict[str, str] | None = None,
+    checks: Sequence[SealedCheck] = (),
+    check_model: Any = None,
+    fields: dict[str, Any] | None = None,
+    write_extra: Callable[[BundleWriter], dict[str, Any]] | None = None,
+    opset: int | None = None,
+    exporter: str = "dynamo",
+    atol: float | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCHES,
+    force: bool = False,
+    gates: bool = True,
+    variants: Sequence[str] = (),
+    lint: bool = False,
+    drop_failed_variants: bool = False,
+    references: bool = True,
+    started: float | None = None,
+) -> ExportReport:
+    """Export ``jobs`` to a bundle at ``out`` behind the gates (what :func:`export_model`, user modules and Hugging
+    Face folders share): every graph exported, checked and compared with PyTorch; the variants and lint; ``tokenizer``
+    (a ``tokenizers.Tokenizer``) written as ``tokenizer.json``; ``references`` recording fixed inputs and fp32 PyTorch
+    outputs; ``checks`` run on the sealed bundle (called with ``check_model``). ``text``/``image`` are the manifest's
+    preprocessing; ``fields`` more manifest fields (arch, preset, embed_dim, class_labels), and ``write_extra(writer)``
+    writes more files and returns their manifest fields (weights). The embedding dimension defaults to the last dim of
+    the first graph's first output."""
+    t0 = time.perf_counter() if started is None else started
+    tolerance = default_tolerance(atol)
+    report = ExportReport(str(out))
+    first = jobs[0].spec.outputs[0].shape[-1] if jobs and jobs[0].spec.outputs else None
+    with BundleWriter(out, force=force) as writer:
+        entries = _run_jobs(jobs, writer, report, opset, exporter, tolerance, batch_sizes, gates)
+        variants = _deploy_steps(writer, entries, jobs, report, variants, lint, batch_sizes, gates,
+                                 drop_failed_variants)
+        validation = _validation_block(report, tolerance, batch_sizes)
+        if references and gates:
+            validation[REFERENCES_KEY] = write_references(writer.path(REFERENCES_FILE), jobs, batch_sizes=batch_sizes)
+        tokenizer_file = None
+        if tokenizer is not None:
+            tokenizer_file = "tokenizer.json"
+            tokenizer.save(os.fspath(writer.path(tokenizer_file)))
+        more = {"embed_dim": first if isinstance(first, int) else None, **(fields or {}),
+                **(write_extra(writer) if write_extra else {})}
+        manifest = Manifest(graphs=entries, files={}, source=source, config=config, text=text, image=image,
+                            tokenizer=tokenizer_file, versions={**tool_versions(), **(versions or {})},
+                            validation=validation, **more)
+        _run_checks(checks, check_model, writer, manifest, report, variants)
+        report.seconds = time.perf_counter() - t0
+        writer.commit(manifest)
+    return report
+
+
+def _outputs(module: torch.nn.Module, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        base = module(**inputs)
-    base_t = base if isinstance(base, (tuple, list)) else (base,)
+        out = module(*args)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _probe_output_axes(module, names: Sequence[str], inputs: dict[str, torch.Tensor], axes: dict[str, dict[int, str]]):
+    """Which output dims follow which named input axis: run the module with each axis grown by one."""
+    base_t = _outputs(module, [inputs[n] for n in names])
     out_axes: list[dict[int, str]] = [{} for _ in base_t]
-    axis_names = sorted({a for per in axes.values() for a in per.values()})
-    for axis in axis_names:
+    for axis in sorted({a for per in axes.values() for a in per.values()}):
         grown = {}
         for name, x in inputs.items():
             for dim, a in axes.get(name, {}).items():
                 if a == axis:
                     x = torch.cat([x, x.narrow(dim, 0, 1)], dim=dim)
             grown[name] = x
-        with torch.no_grad():
-            out = module(**grown)
-        out_t = out if isinstance(out, (tuple, list)) else (out,)
-        for i, (a, b) in enumerate(zip(base_t, out_t)):
+        for i, (a, b) in enumerate(zip(base_t, _outputs(module, [grown[n] for n in names]))):
             for d, (sa, sb) in enumerate(zip(a.shape, b.shape)):
                 if sa != sb:
                     out_axes[i][d] = axis
@@ -269,78 +317,3 @@ def _user_sampler(example: dict[str, torch.Tensor], axes: dict[str, dict[int, st
         return out
 
     return sample
-
-
-def export_module(
-    module: torch.nn.Module,
-    example_inputs: dict[str, torch.Tensor],
-    out: str | Path,
-    *,
-    dynamic_axes: dict[str, dict[int, str]] | None = None,
-    output_names: Sequence[str] | None = None,
-    graph_name: str = "model",
-    task: str | None = None,
-    source: str = "python",
-    opset: int | None = None,
-    exporter: str = "dynamo",
-    atol: float | None = None,
-    batch_sizes: Sequence[int] = DEFAULT_BATCHES,
-    force: bool = False,
-    gates: bool = True,
-    variants: Sequence[str] = (),
-    lint: bool = False,
-    drop_failed_variants: bool = False,
-) -> ExportReport:
-    """Export any ``nn.Module`` with named example inputs to a one-graph bundle.
-
-    Axis 0 of every input is the dynamic ``batch``; ``dynamic_axes`` adds more (``{"ids": {1: "sequence"}}``:
-    inputs sharing an axis name share its size). Output axes that follow an input axis are found by probing.
-    """
-    if not example_inputs or not all(isinstance(v, torch.Tensor) for v in example_inputs.values()):
-        raise ConfigError("example_inputs must be a non-empty dict of name -> torch.Tensor")
-    t0 = time.perf_counter()
-    module = module.eval()
-    axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in example_inputs}
-    for name, per in (dynamic_axes or {}).items():
-        if name not in example_inputs:
-            raise ConfigError(f"dynamic axis for unknown input {name!r}; inputs are {', '.join(example_inputs)}")
-        for dim, axis in per.items():
-            if not 0 < int(dim) < example_inputs[name].ndim:
-                raise ConfigError(f"input {name!r} has {example_inputs[name].ndim} dims; cannot make dim {dim} dynamic")
-            axes[name][int(dim)] = axis
-    outputs, out_axes = _probe_output_axes(module, example_inputs, axes)
-    names = list(output_names or (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]))
-    if len(names) != len(outputs):
-        raise ConfigError(f"{len(names)} output names for {len(outputs)} outputs")
-    inputs = tuple(
-        TensorSpec(n, str(x.dtype).replace("torch.", ""), tuple(axes[n].get(d, s) for d, s in enumerate(x.shape)))
-        for n, x in example_inputs.items()
-    )
-    outs = tuple(
-        TensorSpec(n, str(o.dtype).replace("torch.", ""), tuple(ax.get(d, s) for d, s in enumerate(o.shape)))
-        for n, o, ax in zip(names, outputs, out_axes)
-    )
-    spec = GraphSpec(graph_name, task or "custom", inputs, outs)
-
-    class _Positional(torch.nn.Module):
-        # torch.onnx wants positional inputs in spec order; the user's forward takes them by name.
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            return self.inner(**dict(zip(example_inputs, args)))
-
-    has_seq = any(a != "batch" for per in axes.values() for a in per.values())
-    job = GraphJob(spec, _Positional(module).eval(), _user_sampler(example_inputs, axes), 1 if has_seq else None)
-    tolerance = default_tolerance(atol)
-    report = ExportReport(str(out))
-    with BundleWriter(out, force=force) as writer:
-        entries = _run_jobs([job], writer, report, opset, exporter, tolerance, batch_sizes, gates)
-        _deploy_steps(writer, entries, [job], report, variants, lint, batch_sizes, gates, drop_failed_variants)
-        report.seconds = time.perf_counter() - t0
-        manifest = Manifest(graphs=entries, files={}, source=source, versions=tool_versions(),
-                            embed_dim=outs[0].shape[-1] if isinstance(outs[0].shape[-1], int) else None,
-                            validation=_validation_block(report, tolerance, batch_sizes))
-        writer.commit(manifest)
-    return report

@@ -4,10 +4,13 @@ any runner's outputs with those references through :func:`fine_infer.compare.com
 - :func:`check_parity`: the fp32 gate (ONNX Runtime vs PyTorch, every batch size must pass);
 - :func:`compare_runs`: a candidate (a variant on ONNX Runtime, a CPU path of the runtime) against the fp32 PyTorch
   references, decided on every sampled row pooled per output;
-- :func:`default_tolerance` and :data:`VARIANT_TOLERANCES`: what "close enough" is for each.
+- :func:`default_tolerance` and :data:`VARIANT_TOLERANCES`: what "close enough" is for each;
+- :func:`write_references` / :func:`read_references`: the fixed inputs and fp32 PyTorch outputs an export records in
+  the bundle (``references.npz``), so a bundle whose PyTorch source is not in it can still be gated later.
 
 ``fine-infer validate`` (:mod:`fine_infer.tools.validate`) re-runs these on a finished bundle with the runtime's
-runners. ONNX Runtime is called directly here (the export stage sits below the runtime).
+runners. ONNX Runtime is called directly here (the export stage sits below the runtime). Nothing here imports torch
+at module level: gating a bundle on its recorded references needs numpy and a backend only.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from fine_infer.bundle.variants import ort_session_kwargs
 from fine_infer.compare import Tolerance, compare
+from fine_infer.errors import BundleError
 from fine_infer.specs import GraphSpec
 
+if TYPE_CHECKING:
+    import torch
+
 # (batch, sequence length or None, generator) -> named inputs
-InputSampler = Callable[[int, "int | None", torch.Generator], dict[str, torch.Tensor]]
+InputSampler = Callable[[int, "int | None", "torch.Generator"], "dict[str, torch.Tensor]"]
 # named numpy inputs -> outputs (by name, or a list in spec order)
 RunFn = Callable[[dict[str, np.ndarray]], "dict[str, np.ndarray] | Sequence[np.ndarray]"]
 
@@ -52,11 +58,12 @@ def fresh_seed() -> int:
 @dataclass(frozen=True)
 class GraphJob:
     """One graph to export or gate: the module whose forward takes the spec's inputs positionally, how to sample
-    inputs for it, the longest sequence to sample, and which outputs are logits (compared by arg-max)."""
+    inputs for it, the longest sequence to sample, and which outputs are logits (compared by arg-max). A graph gated
+    on recorded references (:func:`read_references`) has neither module nor sampler."""
 
     spec: GraphSpec
-    module: torch.nn.Module
-    sampler: InputSampler
+    module: "torch.nn.Module | None"
+    sampler: InputSampler | None
     max_seq_len: int | None = None
     output_kinds: dict[str, str] = field(default_factory=dict)
 
@@ -82,6 +89,10 @@ def sequence_length_for(spec: GraphSpec, batch: int, max_len: int | None) -> int
 
 def sample_references(job: GraphJob, batch_sizes: Sequence[int], seed: int) -> list[Sample]:
     """Fresh inputs from ``seed`` at each batch size and ``job.module``'s outputs for them."""
+    import torch
+
+    if job.module is None or job.sampler is None:
+        raise ValueError(f"graph {job.spec.name!r} has no PyTorch module to sample references from")
     gen = torch.Generator().manual_seed(seed)
     module = job.module.eval()
     out = []
@@ -136,7 +147,7 @@ class ParityResult:
 
 
 def check_parity(
-    module: torch.nn.Module,
+    module: "torch.nn.Module",
     spec: GraphSpec,
     onnx_path: str | Path,
     sampler: InputSampler,
@@ -217,3 +228,77 @@ def summarize(rows: list[dict]) -> dict:
         "mean_cosine": float(np.mean([r["mean_cosine"] for r in rows])),
         "topk_agreement": min(r["topk_agreement"] for r in rows),
     }
+
+
+REFERENCES_FILE = "references.npz"
+REFERENCES_KEY = "references"  # manifest.validation[REFERENCES_KEY]: the file, its seed and what it holds
+REFERENCE_SEED = 0
+REFERENCE_BUDGET = 4 << 20  # bytes of recorded inputs for the whole bundle; big image towers record fewer rows
+_BATCH_PLANS = ((1, 3, 8), (1, 2, 4), (1, 2), (1,))
+
+
+def _nbytes(feeds: dict[str, Any]) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in feeds.values())
+
+
+def reference_batches(job: GraphJob, budget: int, batch_sizes: Sequence[int] = DEFAULT_BATCHES) -> tuple[int, ...]:
+    """The batch sizes to record for ``job`` within ``budget`` bytes of inputs: ``batch_sizes`` when they fit, else
+    fewer rows (1, 2, 4 ... 1); the bytes of one row are measured on a sample at the longest sequence."""
+    import torch
+
+    seq = sequence_length_for(job.spec, 1, job.max_seq_len)
+    row = max(1, _nbytes(job.sampler(1, seq, torch.Generator().manual_seed(REFERENCE_SEED))))
+    for plan in (tuple(batch_sizes), *_BATCH_PLANS):
+        if sum(plan) * row <= budget:
+            return plan
+    return (1,)
+
+
+def write_references(path: str | Path, jobs: Sequence[GraphJob], *, seed: int = REFERENCE_SEED,
+                     budget: int = REFERENCE_BUDGET, batch_sizes: Sequence[int] = DEFAULT_BATCHES) -> dict[str, Any]:
+    """Record, for every graph of ``jobs``, the inputs drawn from ``seed`` at ``batch_sizes`` (fewer rows where the
+    inputs would pass ``budget`` bytes, shared between the graphs) and the fp32 PyTorch outputs for them, in one
+    ``.npz`` at ``path``. Returns the manifest's ``validation["references"]`` block (file, seed, per graph the
+    batches and sequence lengths recorded)."""
+    arrays: dict[str, np.ndarray] = {}
+    graphs: dict[str, Any] = {}
+    share = budget // max(1, len(jobs))
+    for job in jobs:
+        name = job.spec.name
+        samples = sample_references(job, reference_batches(job, share, batch_sizes), seed)
+        for i, s in enumerate(samples):
+            for t in job.spec.inputs:
+                arrays[f"{name}/{i}/in/{t.name}"] = s.feeds[t.name]
+            for t, r in zip(job.spec.outputs, s.references):
+                arrays[f"{name}/{i}/out/{t.name}"] = r
+        graphs[name] = {"batches": [s.batch for s in samples], "sequences": [s.sequence for s in samples],
+                        "output_kinds": dict(job.output_kinds)}
+    np.savez_compressed(os.fspath(path), **arrays)
+    return {"file": Path(path).name, "seed": seed, "graphs": graphs}
+
+
+def read_references(folder: str | Path, manifest) -> dict[str, tuple[GraphJob, list[Sample]]]:
+    """The references a bundle recorded (:func:`write_references`), per graph: a job holding the graph's spec and
+    output kinds (no module) and its samples; empty when the bundle recorded none (exported before they existed).
+    The file's checksum is the reader's to verify (``read_bundle`` does); a file that does not hold what the
+    manifest says is a :class:`BundleError`."""
+    block = (manifest.validation or {}).get(REFERENCES_KEY) or {}
+    if not block.get("file"):
+        return {}
+    path = Path(folder) / block["file"]
+    out: dict[str, tuple[GraphJob, list[Sample]]] = {}
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            for name, rec in block.get("graphs", {}).items():
+                spec = manifest.graphs[name].spec
+                job = GraphJob(spec, None, None, None, dict(rec.get("output_kinds") or {}))
+                samples = [
+                    Sample(int(b), q, {t.name: data[f"{name}/{i}/in/{t.name}"] for t in spec.inputs},
+                           [data[f"{name}/{i}/out/{t.name}"].astype(np.float32) for t in spec.outputs])
+                    for i, (b, q) in enumerate(zip(rec["batches"], rec["sequences"]))
+                ]
+                out[name] = (job, samples)
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"{path} does not hold the references its manifest lists ({type(exc).__name__}: {exc}); "
+                          "re-export the bundle") from None
+    return out

@@ -30,6 +30,8 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -94,10 +96,12 @@ def _open_checked(data: bytes | str | os.PathLike, what: str, max_pixels: int = 
     return img
 
 
-def load_image(x: ImageInput, index: int = 0, *,
+def load_image(x: ImageInput, index: int = 0, alpha: str = "drop", *,
                max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode one input to an RGB PIL image, enforcing :data:`MAX_IMAGE_BYTES` and ``max_pixels`` (checked before
-    anything is decoded; default :data:`MAX_IMAGE_PIXELS`)."""
+    anything is decoded; default :data:`MAX_IMAGE_PIXELS`).
+
+    ``alpha``: what transparency becomes, ``"drop"`` (the stored RGB) or ``"white"`` (composited onto white)."""
     what = _describe(x, index)
     if isinstance(x, Image.Image):
         w, h = x.size
@@ -128,6 +132,11 @@ def load_image(x: ImageInput, index: int = 0, *,
         img = _open_checked(p, what, max_pixels)
     else:
         raise InputError(f"{what} is a {type(x).__name__}; pass a path, bytes, a PIL image or a uint8 array")
+    if alpha == "white" and ("A" in img.getbands() or img.info.get("transparency") is not None):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    elif alpha not in ("drop", "white"):
+        raise InputError(f"unknown alpha mode {alpha!r} in the bundle's preprocessing")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
@@ -149,15 +158,20 @@ def resize_and_crop(img: Image.Image, spec: ImagePreprocess) -> Image.Image:
         raise InputError(f"unknown resize mode {spec.resize!r} in the bundle's preprocessing")
     if spec.crop != img.size[0] or spec.crop != img.size[1]:
         w, h = img.size
-        left = int(round((w - spec.crop) / 2.0))
-        top = int(round((h - spec.crop) / 2.0))
+        if spec.crop_rounding == "floor":  # Hugging Face image processors
+            left, top = (w - spec.crop) // 2, (h - spec.crop) // 2
+        else:  # torchvision
+            left, top = int(round((w - spec.crop) / 2.0)), int(round((h - spec.crop) / 2.0))
         img = img.crop((left, top, left + spec.crop, top + spec.crop))
     return img
 
 
 def to_tensor(img: Image.Image, spec: ImagePreprocess) -> np.ndarray:
     """An RGB image (already at the crop size) → normalised float32 (3, H, W)."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if spec.rescale == 1 / 255:
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    else:  # as Hugging Face rescales: in float64, then float32
+        arr = (np.asarray(img, dtype=np.float64) * spec.rescale).astype(np.float32)
     arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
@@ -172,5 +186,5 @@ def preprocess_images(images: Sequence[ImageInput], spec: ImagePreprocess, *, ma
         images = [images]
     if len(images) == 0:
         raise InputError("no images given: pass at least one")
-    return np.stack([to_tensor(resize_and_crop(load_image(x, i, max_pixels=max_pixels), spec), spec)
+    return np.stack([to_tensor(resize_and_crop(load_image(x, i, spec.alpha, max_pixels=max_pixels), spec), spec)
                      for i, x in enumerate(images, start)])

@@ -70,8 +70,14 @@ class GraphSpec:
 class ImagePreprocess:
     """How an RGB image becomes a normalised CHW float32 tensor.
 
-    ``resize="exact"`` resizes straight to ``size``×``size`` (aspect not kept; Fashion-FINE);
+    ``resize="exact"`` resizes straight to ``size``×``size`` (aspect not kept; Fashion-FINE, SigLIP);
     ``resize="shorter"`` resizes the shorter side to ``size`` and centre-crops ``crop``×``crop`` (ImageNet/CLIP).
+
+    Optional fields (written only when they differ from the default, so older manifests read and hash the same):
+    ``crop_rounding`` is how the crop's offset is rounded, ``"round"`` (torchvision: ``round((w - crop) / 2)``) or
+    ``"floor"`` (Hugging Face image processors: ``(w - crop) // 2``); ``rescale`` multiplies the 0-255 pixels before
+    ``mean``/``std`` (1/255 divides by 255); ``alpha`` is what transparency becomes, ``"drop"`` (the stored RGB) or
+    ``"white"`` (composited onto white, as Hugging Face's ``convert_rgb``).
     """
 
     size: int
@@ -80,22 +86,36 @@ class ImagePreprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_rounding: str = "round"
+    rescale: float = 1 / 255
+    alpha: str = "drop"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _without_defaults(self, _IMAGE_OPTIONAL)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocess":
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
+_IMAGE_OPTIONAL = {"crop_rounding": "round", "rescale": 1 / 255, "alpha": "drop"}
+
+
+def _without_defaults(spec: Any, optional: dict[str, Any]) -> dict[str, Any]:
+    """``asdict`` without the optional fields that hold their default (fields added after format version 1)."""
+    return {k: v for k, v in asdict(spec).items() if not (k in optional and v == optional[k])}
+
+
 @dataclass(frozen=True)
 class TextPreprocess:
     """How strings become ``input_ids``/``attention_mask`` (int64, shape (batch, sequence)).
 
-    ``tokenizer`` is ``wordpiece`` (BERT), ``bpe`` (CLIP) or ``word`` (MAAF's word vocabulary); the tokenizer itself
-    ships in the bundle as ``tokenizer.json``. ``padding="max_length"`` pads every batch to ``max_length`` (needed
-    where the model pools over padding, as Fashion-FINE's paper does); ``"longest"`` pads to the longest text.
+    ``tokenizer`` is ``wordpiece`` (BERT), ``bpe`` (CLIP), ``word`` (MAAF's word vocabulary) or ``hf`` (any
+    Hugging Face ``tokenizer.json``, shipped as it is apart from its own padding and truncation, which these fields
+    replace: its normaliser, pre-tokeniser, model and special-token template are the source model's); the tokenizer
+    itself ships in the bundle as ``tokenizer.json``. ``padding="max_length"`` pads every batch to ``max_length``
+    (needed where the model pools over padding, as Fashion-FINE's paper and SigLIP do); ``"longest"`` pads to the
+    longest text.
 
     The official text conventions, applied to each raw string before the tokenizer (optional fields, written only
     when set, so older manifests read and hash the same; :mod:`fine_infer.textclean` defines them): ``clean`` names a

@@ -1,19 +1,25 @@
-"""Tokenizers for the three text front-ends of the model family, and the one function that encodes strings.
+"""Tokenizers for the text front-ends of the model family and of Hugging Face models, and the one function that
+encodes strings.
 
-All three are ``tokenizers.Tokenizer`` objects, so a bundle ships one ``tokenizer.json`` and the runtime needs
-neither torch nor transformers:
+All are ``tokenizers.Tokenizer`` objects, so a bundle ships one ``tokenizer.json`` and the runtime needs neither torch
+nor transformers:
 
 - ``wordpiece``: BERT's (Fashion-FINE): lowercase, ``[CLS] … [SEP]``, ``[PAD]`` = 0.
 - ``bpe``: CLIP's byte-level BPE (RAF): ``<|startoftext|> … <|endoftext|>``, pad = 0.
 - ``word``: MAAF's word vocabulary (its ``SimpleVocab`` cleaning: ASCII only, punctuation deleted, lowercase),
   whitespace split, ``<pad>`` = 0, ``<unk>`` = 1.
+- ``hf``: a Hugging Face ``tokenizer.json`` as its model shipped it (:func:`load_hf_tokenizer`), with its own
+  padding and truncation removed: the bundle's :class:`~fine_infer.specs.TextPreprocess` says how long and how
+  padded (:func:`hf_text_preprocess`).
 
-Without an official vocabulary file, each is built from :data:`BUILTIN_WORDS` (the tiny presets and the demo).
+Without an official vocabulary file, the first three are built from :data:`BUILTIN_WORDS` (the tiny presets and the
+demo).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import string
 import unicodedata
@@ -249,7 +255,93 @@ def build_tokenizer(spec: TextPreprocess, vocab_file: str | Path | None = None):
     if spec.tokenizer == "word":
         words = Path(vocab_file).read_text(encoding="utf-8").split() if vocab_file else None
         return word_tokenizer(spec.max_length, words, spec.padding)
-    raise ConfigError(f"unknown tokenizer kind {spec.tokenizer!r}; expected wordpiece, bpe or word")
+    if spec.tokenizer == "hf":
+        raise ConfigError("an 'hf' tokenizer is not built: it ships in the bundle as tokenizer.json (load_tokenizer)")
+    raise ConfigError(f"unknown tokenizer kind {spec.tokenizer!r}; expected wordpiece, bpe, word or hf")
+
+
+def _special_content(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json spell it (a string or an AddedToken dict)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_hf_tokenizer(source):
+    """A Hugging Face ``tokenizer.json`` (the file, a folder holding it, or a ``tokenizers.Tokenizer``) with its own
+    padding and truncation removed, and what the source said about them: ``(tokenizer, info)``; ``info`` holds
+    ``truncation`` (the tokenizer.json's max length or None), ``model_max_length`` (tokenizer_config.json's, or
+    None), ``pad_token`` and ``pad_id`` (tokenizer_config.json / special_tokens_map.json beside the file first, then
+    tokenizer.json's padding; None when the source names none), ``padding_side`` and ``special_ids`` (the ids of its
+    special tokens)."""
+    from tokenizers import Tokenizer
+
+    config: dict = {}
+    if hasattr(source, "to_str"):  # a tokenizers.Tokenizer
+        raw = json.loads(source.to_str())
+    else:
+        path = Path(source)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"{path} is neither a tokenizer.json nor a folder holding one (a Hugging Face fast "
+                              "tokenizer file is needed; a folder with only a slow tokenizer's vocabulary can be "
+                              "converted with transformers' AutoTokenizer.from_pretrained(folder).save_pretrained("
+                              "folder))")
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{file} is not a readable tokenizer.json ({type(exc).__name__}: {exc})") from None
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # beside tokenizer.json; the latter wins
+            f = file.parent / name
+            try:
+                config.update(json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {})
+            except ValueError:
+                raise ConfigError(f"{f} is not valid JSON") from None
+    try:
+        tok = Tokenizer.from_str(json.dumps(raw))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{source} is not a readable tokenizer.json: {line}") from None
+    padding = raw.get("padding") or {}
+    truncation = raw.get("truncation") or {}
+    pad_token = _special_content(config.get("pad_token")) or padding.get("pad_token")
+    pad_id = tok.token_to_id(pad_token) if pad_token else None
+    if pad_id is None and padding:
+        pad_id = padding.get("pad_id")
+    mml = config.get("model_max_length")
+    info = {
+        "truncation": truncation.get("max_length"),
+        "model_max_length": int(mml) if isinstance(mml, (int, float)) and mml < 1e6 else None,
+        "pad_token": pad_token,
+        "pad_id": pad_id,
+        "padding_side": config.get("padding_side") or padding.get("direction", "right").lower(),
+        "special_ids": sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special),
+    }
+    tok.no_padding()
+    tok.no_truncation()
+    return tok, info
+
+
+def hf_text_preprocess(tokenizer, info: dict, max_length: int, padding: str = "longest") -> TextPreprocess:
+    """The :class:`TextPreprocess` of a :func:`load_hf_tokenizer` tokenizer at ``max_length`` tokens (special tokens
+    included): ``pad_id`` is the source's pad token (0 when it names none: the mask hides it), ``first_word_id``
+    the first id above the special tokens at the start of the vocabulary, ``lowercase`` whether its normaliser
+    lowercases."""
+    if padding not in ("max_length", "longest"):
+        raise ConfigError(f"padding must be 'max_length' or 'longest', not {padding!r}")
+    if info.get("padding_side", "right") != "right":
+        raise ConfigError(f"the tokenizer pads on the {info['padding_side']}; fine-infer pads on the right only")
+    if not 0 < int(max_length) <= 1 << 16:
+        raise ConfigError(f"text max length must be between 1 and 65536 tokens, not {max_length}")
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    low = [i for i in info.get("special_ids", []) if i < size // 2]
+    normalizer = json.loads(tokenizer.to_str()).get("normalizer") or {}
+    text = json.dumps(normalizer)
+    lowercase = '"Lowercase"' in text or (normalizer.get("type") == "BertNormalizer" and normalizer.get("lowercase"))
+    pad_id = info.get("pad_id")
+    return TextPreprocess(tokenizer="hf", max_length=int(max_length), padding=padding,
+                          pad_id=int(pad_id) if pad_id is not None else 0,
+                          first_word_id=max(low) + 1 if low else 0, lowercase=bool(lowercase))
 
 
 def load_tokenizer(path: str | Path):
@@ -265,7 +357,9 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     Each text is first cleaned and templated as ``spec`` says (``clean``, ``clean_args``, ``template``:
     :mod:`fine_infer.textclean`), as the official pipeline did to raw text. Empty texts are refused. A text longer
     than ``spec.max_length`` tokens is refused unless ``truncate`` is set
-    (then it is cut, keeping the end token), so a query is never silently shortened.
+    (then it is cut, keeping the end token; for ``hf`` tokenizers the text's tokens are cut and every special token
+    the template adds before and after them is kept, as the tokenizers library truncates), so a query is never
+    silently shortened.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -283,14 +377,15 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     rows = []
     for i, enc in enumerate(encodings):
         ids = [x for x, m in zip(enc.ids, enc.attention_mask) if m]
-        if not ids:
+        special = [s for s, m in zip(enc.special_tokens_mask, enc.attention_mask) if m]
+        if not ids or (spec.tokenizer == "hf" and all(special)):
             raise InputError(f"text {i} has no tokens once cleaned (only punctuation or symbols?): give a word")
         if len(ids) > L:
             if not truncate:
                 raise InputError(
                     f"text {i} has {len(ids)} tokens; this model takes at most {L} (shorten it or pass truncate=True)"
                 )
-            ids = ids[: L - 1] + ids[-1:]
+            ids = _truncate_hf(ids, special, L) if spec.tokenizer == "hf" else ids[: L - 1] + ids[-1:]
         rows.append(ids)
     width = L if spec.padding == "max_length" else max(len(r) for r in rows)
     input_ids = np.full((len(rows), width), spec.pad_id, dtype=np.int64)
@@ -299,6 +394,14 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
         input_ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
     return input_ids, mask
+
+
+def _truncate_hf(ids: list[int], special: list[int], length: int) -> list[int]:
+    """Keep the template's leading and trailing special tokens and the first text tokens that fit in ``length``."""
+    lead = next((i for i, s in enumerate(special) if not s), len(ids))
+    trail = next((i for i, s in enumerate(reversed(special)) if not s), 0)
+    keep = max(0, length - lead - trail)
+    return ids[:lead] + ids[lead : lead + keep] + ids[len(ids) - trail :]
 
 
 def vocab_size(tokenizer) -> int:

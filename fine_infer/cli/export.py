@@ -27,18 +27,31 @@ def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a zoo arch or a user module to a bundle, behind the checker and parity gates."""
+    """Export a zoo arch, a user module or a local Hugging Face folder to a bundle, behind the checker and parity
+    gates (and, for --hf, parity with the source library itself)."""
     from fine_infer.bundle.writer import check_destination
 
     check_destination(args.out, args.force)  # before torch and the model load: an existing --out fails at once
-    from fine_infer.export import GateFailure, export_arch, export_module, load_factory, parse_dynamic_axes
+    from fine_infer.export import GateFailure, declare, export_arch, export_hf, export_user, load_factory
 
-    if bool(args.arch) == bool(args.module):
-        raise ConfigError("give exactly one of --arch (a zoo arch) or --module (pkg.mod:factory)")
+    if sum(map(bool, (args.arch, args.module, args.hf))) != 1:
+        raise ConfigError("give exactly one of --arch (a zoo arch), --module (pkg.mod:factory) or --hf (a local "
+                          "Hugging Face folder)")
     variants = [*(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []),
                 *(["cpu-opt"] if args.optimize == "cpu" else [])]
-    if args.module and args.recall_gate:
-        raise ConfigError("--recall-gate evaluates zoo archs on the generated catalogue; it does not apply to --module")
+    module_only = [flag for flag, value in (
+        ("--task", args.task), ("--input-names", args.input_names), ("--tokenizer", args.tokenizer),
+        ("--text-max-length", args.text_max_length), ("--text-padding", args.text_padding),
+        ("--image-size", args.image_size), ("--image-crop", args.image_crop), ("--image-resize", args.image_resize),
+        ("--image-interpolation", args.image_interpolation), ("--image-mean", args.image_mean),
+        ("--image-std", args.image_std), ("--preprocess", args.preprocess), ("--dynamic-axis", args.dynamic_axis),
+    ) if value is not None]
+    if module_only and not args.module:
+        raise ConfigError(f"{', '.join(module_only)} declare(s) how a --module is fed; --arch and --hf read it from "
+                          "the model")
+    if not args.arch and args.recall_gate:
+        raise ConfigError("--recall-gate evaluates zoo archs on the generated catalogue; it does not apply to "
+                          "--module or --hf")
     if args.triton_repo and Path(args.triton_repo).resolve() == Path(args.out).resolve():
         raise ConfigError("--triton-repo must be a folder other than --out")
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
@@ -57,12 +70,17 @@ def cmd_export(args: argparse.Namespace) -> int:
                 checks=default_checks(args.pretrained, args.recall_gate),
                 overrides=_parse_overrides(args.set), graphs=args.graphs, include_weights=not args.no_weights, **common,
             )
+        elif args.hf:
+            report = export_hf(args.hf, args.out, **common)
         else:
-            module, example = load_factory(args.module)
-            report = export_module(
-                module, example, args.out, dynamic_axes=parse_dynamic_axes(args.dynamic_axis), source=args.module,
-                graph_name=args.graph_name, **common,
-            )
+            image = {"size": args.image_size, "crop": args.image_crop, "resize": args.image_resize,
+                     "interpolation": args.image_interpolation, "mean": args.image_mean, "std": args.image_std}
+            encoder = declare(
+                load_factory(args.module, graph_name=args.graph_name), tasks=args.task or (), tokenizer=args.tokenizer,
+                text_max_length=args.text_max_length, text_padding=args.text_padding, image=image,
+                preprocess=args.preprocess, dynamic_axes=[a for group in args.dynamic_axis or () for a in group],
+                input_names=args.input_names)
+            report = export_user(encoder, args.out, source=args.module, **common)
     except GateFailure as failure:
         if args.json:
             print_json(failure.report.to_dict())
@@ -143,18 +161,43 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def register(add: AddCommand) -> None:
     """Register ``export``, ``validate`` and ``info``."""
-    e = add("export", cmd_export, "export a zoo arch or a user module to a bundle (ONNX + manifest)")
+    e = add("export", cmd_export, "export a zoo arch, a user module or a Hugging Face folder to a bundle "
+                                         "(ONNX + tokenizer + manifest)")
     src = e.add_argument_group("source (one of)")
     src.add_argument("--arch", help="zoo arch: fashion-fine, maaf, raf, triplet, attributes")
-    src.add_argument("--module", help="user encoder as pkg.mod:factory; factory() returns (module, {name: tensor})")
+    src.add_argument("--module", help="user encoder as pkg.mod:factory; factory() returns (module, {name: tensor}) "
+                                      "or a dict/dataclass declaring module, inputs (or graphs), task, tokenizer, "
+                                      "image_preprocess, text_max_length (fine_infer.export.UserEncoder)")
+    src.add_argument("--hf", metavar="DIR", help="a local folder written by transformers save_pretrained or "
+                                                 "sentence-transformers save (never the hub): sentence-transformers "
+                                                 "BERT-family, CLIPModel, SiglipModel; gated against that library")
     e.add_argument("--preset", default="tiny", help="tiny (seconds on CPU) or paper (the publication's sizes)")
     e.add_argument("--checkpoint", help="weights: .safetensors or a torch file (loaded with weights_only=True)")
     e.add_argument("--pretrained", action="store_true", help="load the weights shipped with the package")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     e.add_argument("--graphs", nargs="+", help="export only these graphs (default: all of the arch)")
-    e.add_argument("--dynamic-axis", action="append", metavar="NAME:DIM[=AXIS]",
-                   help="with --module: make dim DIM of input NAME dynamic (axis 0 always is)")
+    e.add_argument("--dynamic-axis", action="append", nargs="+", metavar="NAME:DIM[=AXIS]",
+                   help="with --module: make dim DIM of input NAME dynamic (axis 0 always is); several after one "
+                        "flag, repeatable")
     e.add_argument("--graph-name", default="model", help="with --module: the graph's name in the bundle")
+    m = e.add_argument_group("with --module: how the runtime feeds it (over what the factory declares)")
+    m.add_argument("--task", nargs="+", metavar="[GRAPH=]TASK",
+                   help="embed_text, embed_image, compose, classify or custom (default), for every graph or GRAPH=")
+    m.add_argument("--input-names", nargs="+", metavar="NAME", help="the graph's input names, in the order of the "
+                                                                    "example inputs (e.g. input_ids attention_mask)")
+    m.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a Hugging Face folder holding one")
+    m.add_argument("--text-max-length", type=int, metavar="N", help="tokens per text (default: the tokenizer's own "
+                                                                    "truncation length)")
+    m.add_argument("--text-padding", choices=["longest", "max_length"], help="pad to the longest text (default) "
+                                                                               "or always to --text-max-length")
+    m.add_argument("--image-size", type=int, metavar="N", help="resize target (the shorter side, or both sides)")
+    m.add_argument("--image-crop", type=int, metavar="N", help="centre crop (default: --image-size)")
+    m.add_argument("--image-resize", choices=["shorter", "exact"], help="shorter side then crop, or exact size")
+    m.add_argument("--image-interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"])
+    m.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    m.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"))
+    m.add_argument("--preprocess", metavar="JSON", help='JSON (or a JSON file): {"image": {ImagePreprocess fields}, '
+                                                        '"text": {"max_length": N, "padding": ...}}')
     e.add_argument("--out", required=True, help="bundle folder to write")
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")

@@ -1,4 +1,7 @@
-"""`fine-infer export --module`: a user encoder with an attention block and a variable-length integer input."""
+"""`fine-infer export --module`: a user encoder with an attention block and a variable-length integer input; and user
+encoders that declare tasks, tokenizer and image preprocessing (from the factory or CLI flags), whose bundles are
+first-class (`fine-infer embed --text` / `--image` accept them; their inputs come from their own tokenizer and
+preprocessing)."""
 
 import json
 import os
@@ -9,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fine_infer
+from fine_infer.bundle import read_bundle
 from fine_infer.errors import BundleError, ConfigError
-from fine_infer.export import GateFailure, export_module, parse_dynamic_axes
+from fine_infer.export import GateFailure, export_module, load_factory, parse_dynamic_axes
+from fine_infer.export import UserEncoder, UserGraph, declare, export_user  # declared tasks/tokenizer/preprocessing
+from fine_infer.tokenization import BUILTIN_WORDS, word_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -20,7 +27,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 def _cli(*args, cwd=FIXTURES):
     env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
     return subprocess.run([sys.executable, "-m", "fine_infer.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +109,120 @@ def test_bad_dynamic_axis_and_factory_are_clear_errors(tmp_path):
     r = _cli("export", "--module", "no_such_module:factory", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "cannot import 'no_such_module'" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+IMAGE_FLAGS = ["--image-size", "36", "--image-crop", "32", "--image-interpolation", "bilinear",
+               "--image-mean", "0.5", "0.5", "0.5", "--image-std", "0.25", "0.25", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def dual_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dual") / "bundle"
+    r = _cli("export", "--module", "user_dual_encoder:factory", *IMAGE_FLAGS, "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_declared_module_bundle_has_tokenizer_preprocessing_and_tasks(dual_bundle):
+    out, report = dual_bundle
+    m = read_bundle(out).manifest
+    assert {n: g.spec.task for n, g in m.graphs.items()} == {"text": "embed_text", "image": "embed_image"}
+    assert [t.name for t in m.graphs["text"].spec.inputs] == ["input_ids", "attention_mask"]
+    assert m.graphs["text"].spec.inputs[0].shape == ("batch", "sequence")  # made dynamic for the tokenizer
+    assert m.tokenizer == "tokenizer.json" and m.text.tokenizer == "hf" and m.text.max_length == 16
+    assert (m.image.size, m.image.crop, m.image.interpolation, m.image.mean) == (36, 32, "bilinear", (0.5,) * 3)
+    assert m.config["export"]["normalized"] == ["image"]  # the image tower's output was not unit rows
+    assert m.config["export"]["input_names"] == {"text": {"ids": "input_ids", "mask": "attention_mask"}}
+    refs = m.validation["references"]["graphs"]
+    assert refs["text"]["batches"] == [1, 3, 8] and refs["image"]["batches"] == [1, 3, 8]
+    assert all(c["max_abs"] < 1e-5 for g in report["graphs"].values() for c in g["parity"]["checks"])
+
+
+def test_embed_cli_accepts_text_and_image_and_matches_pytorch(dual_bundle, tmp_path, rng):
+    out, _ = dual_bundle
+    img = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(img)
+    r_text = _cli("embed", str(out), "--text", "red striped dress", "long blue coat")
+    r_image = _cli("embed", str(out), "--image", str(img))
+    assert r_text.returncode == 0 and r_image.returncode == 0, r_text.stderr + r_image.stderr
+    text_vecs = np.array(json.loads(r_text.stdout)["embeddings"])
+    image_vecs = np.array(json.loads(r_image.stdout)["embeddings"])
+    assert text_vecs.shape == (2, 16) and image_vecs.shape == (1, 16)
+    np.testing.assert_allclose(np.linalg.norm(image_vecs, axis=1), 1.0, atol=1e-5)  # normalised by the export
+
+    sys.path.insert(0, str(FIXTURES))
+    from user_dual_encoder import factory
+
+    spec = factory()
+    session = fine_infer.load(out)
+    ids, mask = session.tokenize(["red striped dress", "long blue coat"])
+    with torch.no_grad():
+        want_text = spec["graphs"]["text"]["module"](torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        pixels = torch.from_numpy(session.preprocess_images([str(img)]))
+        want_image = torch.nn.functional.normalize(spec["graphs"]["image"]["module"](pixels), dim=-1).numpy()
+    np.testing.assert_allclose(text_vecs, want_text, atol=1e-5)
+    np.testing.assert_allclose(image_vecs, want_image, atol=1e-5)
+
+
+def test_cli_flags_declare_task_tokenizer_and_names_on_a_plain_factory(tmp_path):
+    tok = word_tokenizer(16, "red blue dress shirt long short striped".split())
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "b"
+    r = _cli("export", "--module", "user_encoder:factory", "--task", "embed_text", "--input-names", "input_ids",
+             "attention_mask", "--tokenizer", str(tmp_path / "tokenizer.json"), "--preprocess",
+             '{"text": {"max_length": 12}}', "--dynamic-axis", "ids:1", "mask:1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    m = read_bundle(out).manifest
+    assert m.graphs["model"].spec.task == "embed_text" and m.text.max_length == 12
+    r = _cli("embed", str(out), "--text", "red dress")
+    assert r.returncode == 0, r.stderr
+    assert np.array(json.loads(r.stdout)["embeddings"]).shape == (1, 16)
+
+
+def test_declarations_that_cannot_work_are_one_line_errors(tmp_path):
+    r = _cli("export", "--module", "user_encoder:factory", "--task", "embed_text", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "must take inputs input_ids, attention_mask" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "a").exists()
+    r = _cli("export", "--module", "user_encoder:factory", "--task", "embed_text", "--input-names", "input_ids",
+             "attention_mask", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "needs a tokenizer" in r.stderr
+    r = _cli("export", "--arch", "triplet", "--tokenizer", "x.json", "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "--tokenizer" in r.stderr and "--module" in r.stderr
+
+    sys.path.insert(0, str(FIXTURES))
+    from user_encoder import TinyTextEncoder
+
+    big = word_tokenizer(16, BUILTIN_WORDS)  # ~200 words: ids past the module's 100-row embedding
+    graph = UserGraph(TinyTextEncoder(), {"ids": torch.ones(2, 5, dtype=torch.int64),
+                                          "mask": torch.ones(2, 5, dtype=torch.int64)})
+    encoder = declare(UserEncoder({"t": graph}, tokenizer=big, text_max_length=16), tasks=["t=embed_text"],
+                      input_names=["input_ids", "attention_mask"])
+    with pytest.raises(ConfigError, match="fails on inputs made by the bundle's tokenizer"):
+        export_user(encoder, tmp_path / "d")
+    with pytest.raises(ConfigError, match="image preprocessing"):
+        export_user(UserEncoder({"i": UserGraph(torch.nn.Identity(), {"pixels": torch.randn(1, 3, 8, 8)},
+                                                task="embed_image")}), tmp_path / "e")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_factory_forms_are_read_alike(monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    enc = load_factory("user_encoder:factory")  # the (module, inputs) tuple of today's API
+    assert list(enc.graphs) == ["model"] and enc.graphs["model"].task is None
+    enc = load_factory("user_dual_encoder:factory")
+    assert list(enc.graphs) == ["text", "image"] and enc.tokenizer is not None and enc.text_max_length == 16
+
+
+def test_validate_gates_a_user_bundle_on_its_reference_outputs(user_bundle, tmp_path):
+    import shutil
+
+    from fine_infer.tools.validate import validate_bundle
+
+    out, _ = user_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    report = validate_bundle(copy, backends=["onnxruntime"])
+    assert report["passed"] and "the export's reference outputs" in report["summary"]
+    assert report["graphs"]["model"]["references"]["batches"] == [1, 3, 8]
+    gate = read_bundle(copy).manifest.validation["cpu_gates"]["onnxruntime"]
+    assert gate["passed"] and gate["inputs"] == "recorded" and gate["graphs"]["model"]["max_abs"] < 1e-5
