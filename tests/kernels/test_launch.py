@@ -199,3 +199,73 @@ def test_a_width_no_config_fits_falls_back_to_the_reference(monkeypatch):
     assert _fusion_block.ffn_unsupported(1024, torch.float16, torch.device("cuda", 0)) is None
     monkeypatch.setattr(_fusion_block, "shared_memory_limit", lambda device: None)  # the interpreter: no limit
     assert _fusion_block.ffn_unsupported(1024, torch.float32, torch.device("cpu")) is None
+
+
+# --- on a CUDA device ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_a_bulk_attention_batch_launches_on_cuda():
+    """batch × heads = 65,600 > 65,535 (the grid-y limit the kernel used to hit)."""
+    from fine_infer.kernels import reference
+
+    q, k, v = (torch.randn(8200, 8, 16, 32, device="cuda", dtype=torch.float16) for _ in range(3))
+    mask = torch.rand(8200, 16, device="cuda") < 0.9
+    with kernels.use_backend("triton"), torch.no_grad():
+        got = kernels.attention_fusion(q, k, v, mask)
+    want = reference.attention_fusion(q.float(), k.float(), v.float(), mask)
+    assert (got.float() - want).abs().max().item() < 5e-3
+
+
+@pytest.mark.gpu
+def test_kernels_run_on_the_tensors_gpu_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from fine_infer.kernels import reference
+
+    x = torch.randn(4, 64, 128, device="cuda:1")
+    w1, b1, w2 = (torch.randn(128, 128, device="cuda:1") / 128**0.5, torch.randn(128, device="cuda:1"),
+                  torch.randn(128, device="cuda:1"))
+    torch.cuda.set_device(0)
+    with kernels.use_backend("triton"), torch.no_grad():
+        got = kernels.maa_pool(x, w1, b1, w2)
+    assert got.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    want = reference.maa_pool(x.double(), w1.double(), b1.double(), w2.double())
+    assert (got.double() - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+def test_concurrent_first_calls_on_cuda_do_not_crash():
+    """Eight threads meet an untuned key of the search kernel at once (triton-lang/triton#11494)."""
+    g = torch.randn(20_000, 72, device="cuda", dtype=torch.float16)  # D = 72: a tuning key no other test uses
+    qs = [torch.randn(16, 72, device="cuda") for _ in range(8)]
+    results, errors = [None] * 8, []
+
+    def call(i):
+        try:
+            with kernels.use_backend("triton"), torch.no_grad():
+                results[i] = kernels.similarity_topk(qs[i], g, 10)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for q, (s, _) in zip(qs, results):
+        want = torch.topk(q.double() @ g.double().T, 10).values
+        assert (s.double() - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+def test_fp32_queries_over_an_fp16_gallery_on_cuda_give_the_fp32_indices():
+    g = torch.nn.functional.normalize(torch.randn(200_000, 256, device="cuda"), dim=1).half()
+    q = torch.nn.functional.normalize(torch.randn(64, 256, device="cuda"), dim=1)
+    with kernels.use_backend("triton"), torch.no_grad():
+        _, idx = kernels.similarity_topk(q, g, 10)
+    exact = q.double() @ g.double().T
+    ref = torch.topk(exact, 10)
+    # every returned row really is a top-10 row (to fp32 rounding), and nearly every index is the reference's
+    assert (exact.gather(1, idx) - ref.values).abs().max().item() < 1e-5
+    assert (idx == ref.indices).float().mean().item() >= 0.999
