@@ -322,3 +322,26 @@ def test_engine_matches_onnxruntime(deploy_bundle, tmp_path, arch, precision):
                     c = compare(w, got[k], Tolerance(atol=None, min_cosine=0.999), kind=kind)
                     assert c.passed, c.reason
         assert runner.provider.startswith("tensorrt-")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install tensorrt from NVIDIA's index, or JetPack)")
+def test_compatible_engines_build_load_and_match(deploy_bundle, tmp_path):
+    """A version- and (from sm 8.0) hardware-compatible plan builds, loads through the runner (lean runtime: host code
+    allowed) and matches ONNX Runtime; its record says so and it clears TF32."""
+    import onnxruntime as ort
+
+    src, _, model = deploy_bundle("triplet")
+    out = tmp_path / "bundle"
+    shutil.copytree(src, out)
+    hardware = "ampere+" if torch.cuda.get_device_capability(0)[0] >= 8 else "none"
+    (info,) = build_bundle_engines(out, version_compatible=True, hardware_compatibility=hardware)
+    assert info.version_compatible and info.hardware_compatibility == hardware and info.tf32 is False
+    entry = read_bundle(out).manifest.graphs["image"]
+    runner = TensorRTRunner(entry.spec, out / variant_file(entry, None, "tensorrt"))
+    feeds = {k: v.numpy() for k, v in model.example_inputs("image", 3, None, torch.Generator().manual_seed(3)).items()}
+    ref = ort.InferenceSession(out / entry.file, providers=["CPUExecutionProvider"])
+    want = dict(zip([o.name for o in ref.get_outputs()], ref.run(None, feeds)))
+    got = runner.run(feeds)
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, atol=1e-3)
