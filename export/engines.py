@@ -100,7 +100,8 @@ def tensorrt_module():
     except ImportError:
         raise BackendUnavailableError(
             "TensorRT is not installed here: engines are built and run on the NVIDIA device itself "
-            "(JetPack ships it; elsewhere `pip install tensorrt` from NVIDIA's index)"
+            "(JetPack ships it; elsewhere pip install --extra-index-url https://pypi.nvidia.com "
+            "'fine-infer[gpu-cu12]' (or gpu-cu13; README: Installing on a GPU))"
         ) from None
     major = int(str(tensorrt.__version__).split(".")[0])
     if major < 10:

@@ -81,7 +81,7 @@ class TensorRTRunner(Runner):
         except ImportError:
             raise BackendUnavailableError(
                 "backend 'tensorrt' needs TensorRT, which is not installed here (JetPack ships it; elsewhere "
-                "`pip install tensorrt` from NVIDIA's index)"
+                "pip install --extra-index-url https://pypi.nvidia.com 'fine-infer[gpu-cu12]' (or gpu-cu13))"
             ) from None
         try:
             import torch

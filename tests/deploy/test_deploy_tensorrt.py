@@ -29,6 +29,7 @@ from fine_infer.bundle.variants import variant_file
 from fine_infer.specs import GraphSpec, TensorSpec
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+TRT_MISSING = "needs TensorRT (the gpu-cu12 / gpu-cu13 extra with NVIDIA's index, or JetPack's)"
 
 TEXT = GraphSpec("text", "embed_text",
                  (TensorSpec("input_ids", "int64", ("batch", "sequence")),
@@ -294,7 +295,7 @@ GPU_ARCHS = ["triplet", "maaf", "fashion-fine"]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install tensorrt from NVIDIA's index, or JetPack)")
+@pytest.mark.skipif(not HAVE_TRT, reason=TRT_MISSING)
 @pytest.mark.parametrize("arch", GPU_ARCHS)
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_matches_onnxruntime(deploy_bundle, tmp_path, arch, precision):
@@ -325,7 +326,7 @@ def test_engine_matches_onnxruntime(deploy_bundle, tmp_path, arch, precision):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install tensorrt from NVIDIA's index, or JetPack)")
+@pytest.mark.skipif(not HAVE_TRT, reason=TRT_MISSING)
 def test_compatible_engines_build_load_and_match(deploy_bundle, tmp_path):
     """A version- and (from sm 8.0) hardware-compatible plan builds, loads through the runner (lean runtime: host code
     allowed) and matches ONNX Runtime; its record says so and it clears TF32."""
