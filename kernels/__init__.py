@@ -47,6 +47,7 @@ from fine_infer.kernels._dispatch import (
 )
 from fine_infer.kernels._dispatch import into as _into
 from fine_infer.kernels._dispatch import note as _note
+from fine_infer.kernels._dispatch import recording_active as _recording
 from fine_infer.kernels.reference import NORM_KINDS, FusionBlockWeights
 
 _FLOATS = (torch.float16, torch.float32)
@@ -72,7 +73,9 @@ def maa_pool(
     (B, H) in ``x``'s dtype; a row without a kept token is 0. The kernel makes one pass over the tokens with an
     online softmax: the (B, N, H) hidden activations never reach memory.
     """
-    _note("maa_pool", (x,), B=x.shape[0], N=x.shape[1], H=x.shape[2], dtype=str(x.dtype)[6:], mask=mask is not None)
+    if _recording():
+        _note("maa_pool", (x,), B=x.shape[0], N=x.shape[1], H=x.shape[2], dtype=str(x.dtype)[6:],
+              mask=mask is not None)
     if use_kernel("maa_pool", (x, w1, b1, w2, mask), lambda: _dtype_problem(x, w1, b1, w2)):
         from fine_infer.kernels import _maa_pool
 
@@ -92,9 +95,10 @@ def patch_pool_adapter(
     See :func:`fine_infer.kernels.reference.patch_pool_adapter` for the arguments.
     """
     tensors = (tokens, mask, w1, b1, w2, proj_w, proj_b, combine_w, combine_b)
-    _note("patch_pool_adapter", (tokens,), B=tokens.shape[0], N=tokens.shape[1], H=tokens.shape[2],
-          P=proj_w.shape[0], E=combine_w.shape[0], dtype=str(tokens.dtype)[6:], mask=mask is not None,
-          pool_start=int(pool_start))
+    if _recording():
+        _note("patch_pool_adapter", (tokens,), B=tokens.shape[0], N=tokens.shape[1], H=tokens.shape[2],
+              P=proj_w.shape[0], E=combine_w.shape[0], dtype=str(tokens.dtype)[6:], mask=mask is not None,
+              pool_start=int(pool_start))
     if use_kernel("patch_pool_adapter", tensors, lambda: _dtype_problem(*tensors[:1], *tensors[2:])):
         from fine_infer.kernels import _maa_pool
 
@@ -119,8 +123,9 @@ def attention_fusion(
             return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
         return _dtype_problem(q)
 
-    _note("attention_fusion", (q,), B=q.shape[0], heads=q.shape[1], L=q.shape[2], d=q.shape[3],
-          dtype=str(q.dtype)[6:], mask=key_padding_mask is not None, strides=tuple(q.stride()))
+    if _recording():
+        _note("attention_fusion", (q,), B=q.shape[0], heads=q.shape[1], L=q.shape[2], d=q.shape[3],
+              dtype=str(q.dtype)[6:], mask=key_padding_mask is not None, strides=tuple(q.stride()))
     if use_kernel("attention_fusion", (q, k, v, key_padding_mask), problem):
         from fine_infer.kernels import _attention
 
@@ -153,8 +158,10 @@ def fusion_block(
             problem = _fusion_block.ffn_unsupported(weights.ffn1_weight.shape[0], x.dtype, x.device)
         return problem
 
-    _note("fusion_block", (x,), B=x.shape[0], L=x.shape[1], D=x.shape[2], heads=int(num_heads),
-          FF=weights.ffn1_weight.shape[0], norm=norm, dtype=str(x.dtype)[6:], mask=key_padding_mask is not None)
+    if _recording():
+        _note("fusion_block", (x,), B=x.shape[0], L=x.shape[1], D=x.shape[2], heads=int(num_heads),
+              FF=weights.ffn1_weight.shape[0], norm=norm, dtype=str(x.dtype)[6:],
+              mask=key_padding_mask is not None)
     if use_kernel("fusion_block", tensors, problem):
         from fine_infer.kernels import _fusion_block
 
@@ -177,8 +184,9 @@ def similarity_topk(
     def problem() -> str | None:
         return f"k={k} outside 1..{_MAX_K}" if not 1 <= k <= _MAX_K else _dtype_problem(queries, gallery)
 
-    _note("similarity_topk", (queries, gallery), Q=queries.shape[0], D=queries.shape[1], N=gallery.shape[0], k=int(k),
-          dtype=str(queries.dtype)[6:], gallery_dtype=str(gallery.dtype)[6:])
+    if _recording():
+        _note("similarity_topk", (queries, gallery), Q=queries.shape[0], D=queries.shape[1], N=gallery.shape[0],
+              k=int(k), dtype=str(queries.dtype)[6:], gallery_dtype=str(gallery.dtype)[6:])
     if use_kernel("similarity_topk", (queries, gallery), problem):
         from fine_infer.kernels import _topk
 

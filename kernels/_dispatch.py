@@ -163,6 +163,12 @@ _recorders: list[dict] = []  # every active record_shapes() collects here, from 
 _recorders_lock = threading.Lock()
 
 
+def recording_active() -> bool:
+    """Whether a :func:`recording` is active (the entry points check this before building a shape to :func:`note`:
+    a call pays nothing when nobody records)."""
+    return bool(_recorders)
+
+
 def note(op: str, tensors: Sequence[torch.Tensor | None], **shape: object) -> None:
     """Record a call of ``op`` with ``shape`` (sizes, dtypes, flags) in every active :func:`recording`; free when none
     is active. Calls made while torch traces are not recorded (they run nothing)."""
