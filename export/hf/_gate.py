@@ -56,7 +56,7 @@ class SourceParity:
         graphs: dict[str, Any] = {}
         reasons: list[str] = []
         tasks = {g.spec.task: g for g in m.graphs.values()}
-        if self.embed_text is not None:
+        if self.embed_text is not None and self.texts + self.over > 0:
             entry = tasks["embed_text"]
             tok = load_tokenizer(bundle / m.tokenizer)
             texts = sample_texts(rng, self.texts, tok, m.text.max_length, over=self.over)
@@ -68,7 +68,7 @@ class SourceParity:
                 entry.spec, lambda feeds: run(text_feeds(tok, m.text, list(feeds["texts"]))), samples, seed)
             graphs[entry.spec.name].update(texts=len(texts), past_limit=self.over, max_length=m.text.max_length)
             reasons += [reason] if reason else []
-        if self.embed_image is not None:
+        if self.embed_image is not None and self.images > 0:
             entry = tasks["embed_image"]
             images = sample_images(rng, self.images, m.image.size)
             run_img = ort_cpu_runner(bundle / entry.file)

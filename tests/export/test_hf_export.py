@@ -233,6 +233,44 @@ def test_validate_gates_every_cpu_path_of_a_bundle_without_pytorch_source(clip, 
     assert not read_bundle(graph).manifest.validation["cpu_gates"]["openvino"]["passed"]
 
 
+NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed here")
+sys.meta_path.insert(0, NoTorch())
+from fine_infer.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
+
+
+def test_validate_on_reference_outputs_needs_no_torch(clip, tmp_path):
+    _, out, _ = clip
+    shutil.copytree(out, tmp_path / "b")
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "validate", str(tmp_path / "b"), "--backend", "onnxruntime",
+                        "openvino"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime passed" in r.stdout and "openvino passed" in r.stdout
+
+
+def test_index_and_search_cli_with_an_hf_bundle(clip, tmp_path, rng):
+    from PIL import Image
+
+    _, out, _ = clip
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, img in enumerate(sample_images(rng, 4, 32)):
+        (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(folder / f"{i}.png")
+    r = _cli("index", str(out), str(folder), "--out", str(tmp_path / "idx"))
+    assert r.returncode == 0, r.stderr
+    r = _cli("search", str(tmp_path / "idx"), "--text", "a red dress", "--k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["hits"]) == 2
+
+
 def test_serve_embeds_and_searches_with_an_hf_bundle(clip, rng):
     pytest.importorskip("fastapi", reason="needs the 'serve' extra")
     httpx = pytest.importorskip("httpx")
