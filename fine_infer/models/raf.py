@@ -157,7 +157,9 @@ class RAF(ZooModel):
         image_tokens, image_feat, sizes = self.image_model(pixels)
         text_tokens = self.text_model(input_ids)
         # End token = last valid position (the mask, not argmax of ids: our ids do not put the end token highest).
-        eot = (attention_mask.sum(dim=1) - 1).clamp(min=0)
+        # torch.maximum, not clamp: an integer clamp exports an INT64 Clip, which TensorRT's parser does not take
+        length = attention_mask.sum(dim=1) - 1
+        eot = torch.maximum(length, torch.zeros_like(length))
         text_feat = text_tokens.gather(1, eot[:, None, None].expand(-1, 1, text_tokens.shape[2])).squeeze(1)
         fused_image, fused_text = fuse_tokens(self.encoder, image_tokens, text_tokens, attention_mask)
         maaf = 0.5 * (pool_image(fused_image, sizes, self.config.output) + masked_mean(fused_text, attention_mask))

@@ -27,10 +27,8 @@ def _save(model, path):
 
 
 # Known lint failures of zoo graphs: (arch, report name) -> (op, the start of the one error expected). Each is a
-# model to fix, not a lint to loosen: the entry must go when the model is fixed (the test then fails until it does).
-# raf: `(attention_mask.sum(1) - 1).clamp(min=0)` (fine_infer/models/raf.py) exports an INT64 Clip, which the 10.x
-# operator docs do not list (FP32/FP16/BF16 only); torch.maximum with a zero tensor exports Max, which takes INT64.
-KNOWN_LINT_ERRORS = {("raf", "compose"): ("Clip", "INT64 tensor"), ("raf", "compose:fp16"): ("Clip", "INT64 tensor")}
+# model to fix, not a lint to loosen: an entry must go when its model is fixed (the test then fails until it does).
+KNOWN_LINT_ERRORS: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 @pytest.mark.parametrize("arch", arch_params())
