@@ -33,10 +33,13 @@ _EXTRAS = {
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except on on/off flags (their default is the flag's absence)."""
+    """Shows each option's default, except on on/off flags (their default is the flag's absence) and where there is
+    none (None: the help text says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ def add_backend_args(sp: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--variant``, shared by every command that runs a bundle."""
     from fine_infer.runtime import BACKENDS
 
-    sp.add_argument("--backend", default="auto", choices=list(BACKENDS), help="what runs the graphs (default auto)")
+    sp.add_argument("--backend", default="auto", choices=list(BACKENDS), help="what runs the graphs")
     sp.add_argument("--variant", help="graph variant written at export: fp16, int8, cpu-opt (default the fp32 graph); "
                                       "with --backend openvino the precision: fp32 or bf16")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fine_infer.cli._args import AddCommand, print_json
+from fine_infer.cli._args import AddCommand, add_bundle_arg, print_json
 from fine_infer.errors import ConfigError
 
 
@@ -112,7 +112,7 @@ def register(add: AddCommand) -> None:
     lint.add_argument("--json", action="store_true", help="print the lint reports as JSON")
 
     be = add("build-engine", cmd_build_engine, "build TensorRT engines for a bundle on this GPU")
-    be.add_argument("bundle")
+    add_bundle_arg(be)
     be.add_argument("--fp16", action="store_true",
                     help="fp16 engines: from the bundle's fp16 graphs (export --fp16; required on TensorRT 11)")
     be.add_argument("--graphs", nargs="+", help="only these graphs (default: all)")
@@ -128,17 +128,17 @@ def register(add: AddCommand) -> None:
                          "embedded; may be slower; Triton needs --backend-config=tensorrt,version-compatible=true)")
     be.add_argument("--hardware-compatible", choices=["none", "ampere+", "same-cc"], default="none",
                     help="a plan other GPUs run: any Ampere or newer (ampere+) or any of this compute capability "
-                         "(same-cc); may be slower (default none: this GPU's architecture only)")
+                         "(same-cc); may be slower (none: this GPU's architecture only)")
     be.add_argument("--no-lint", action="store_true", help="skip the TensorRT lint before building")
     be.add_argument("--json", action="store_true", help="print the engine records as JSON")
 
     tr = add("triton-repo", cmd_triton_repo, "write a Triton Inference Server model repository for a bundle")
-    tr.add_argument("bundle")
+    add_bundle_arg(tr)
     tr.add_argument("--out", required=True, help="repository folder to write")
     tr.add_argument("--variant", choices=["fp32", "fp16", "int8", "cpu-opt"], default=None,
                     help="which graph variant to serve (default: the portable fp32 graph, or its engine)")
     tr.add_argument("--no-engines", action="store_true", help="serve ONNX even where the bundle has a TensorRT engine")
-    tr.add_argument("--max-batch-size", type=int, default=16, help="Triton max_batch_size (default 16)")
+    tr.add_argument("--max-batch-size", type=int, default=16, help="Triton max_batch_size")
     tr.add_argument("--force", action="store_true", help="replace an existing repository")
     tr.add_argument("--tensorrt-version", metavar="X.Y.Z",
                     help="the TensorRT version of the Triton server that will load the plans: an engine that will "

@@ -66,8 +66,8 @@ def register(add: AddCommand) -> None:
     ev.add_argument("--variant", action="append", metavar="NAME",
                     help="ONNX variant to evaluate (repeatable; default: fp32 and every variant the bundle has)")
     ev.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "auto"],
-                    help="runtime for the bundle's graphs (default onnxruntime)")
-    ev.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out items (default {DEFAULT_N})")
+                    help="runtime for the bundle's graphs")
+    ev.add_argument("--n", type=int, default=DEFAULT_N, help="held-out items")
     ev.add_argument("--seed", type=int, default=DEFAULT_SEED, help="catalogue seed (default: the training one)")
     ev.add_argument("--no-reference", action="store_true",
                     help="skip the PyTorch model (needs no torch; bundles exported with --no-weights need this)")

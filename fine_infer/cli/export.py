@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fine_infer.cli._args import AddCommand, print_json
+from fine_infer.cli._args import AddCommand, add_bundle_arg, print_json
 from fine_infer.errors import ConfigError
 
 
@@ -193,9 +193,10 @@ def register(add: AddCommand) -> None:
     m.add_argument("--image-size", type=int, metavar="N", help="resize target (the shorter side, or both sides)")
     m.add_argument("--image-crop", type=int, metavar="N", help="centre crop (default: --image-size)")
     m.add_argument("--image-resize", choices=["shorter", "exact"], help="shorter side then crop, or exact size")
-    m.add_argument("--image-interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"])
-    m.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"))
-    m.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"))
+    m.add_argument("--image-interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"],
+                   help="resampling filter of the resize")
+    m.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean subtracted after scaling to 0..1")
+    m.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std divided by after the mean")
     m.add_argument("--preprocess", metavar="JSON", help='JSON (or a JSON file): {"image": {ImagePreprocess fields}, '
                                                         '"text": {"max_length": N, "padding": ...}}')
     e.add_argument("--out", required=True, help="bundle folder to write")
@@ -221,15 +222,16 @@ def register(add: AddCommand) -> None:
                         "default: on with --pretrained")
 
     v = add("validate", cmd_validate, "verify checksums and re-run the parity gate on fresh inputs")
-    v.add_argument("bundle")
-    v.add_argument("--atol", type=float, default=None)
-    v.add_argument("--json", action="store_true")
+    add_bundle_arg(v)
+    v.add_argument("--atol", type=float, default=None,
+                   help="parity gate: max abs error (default: the one the bundle was exported with, else 1e-4)")
+    v.add_argument("--json", action="store_true", help="print the validation report as JSON")
     v.add_argument("--backend", nargs="+", choices=["onnxruntime", "openvino"],
                    help="also run the precision gate of each CPU path of these backends (fp32, int8, cpu-opt; "
                         "OpenVINO f32, bf16) and record it in the manifest")
     v.add_argument("--no-record", action="store_true", help="with --backend: report the gates, do not record them")
 
     i = add("info", cmd_info, "describe a bundle")
-    i.add_argument("bundle")
+    add_bundle_arg(i)
     i.add_argument("--json", action="store_true", help="print the manifest")
     i.add_argument("--no-verify", action="store_true", help="skip checksum verification")

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any, Mapping
 
-from fine_infer.cli._args import AddCommand, add_backend_args, api_key_from_env, positive
+from fine_infer.cli._args import AddCommand, add_backend_args, add_bundle_arg, api_key_from_env, positive
 
 if TYPE_CHECKING:
     from fine_infer.batching import BatchSettings
@@ -132,11 +132,11 @@ def with_bench_sizes(batching: BatchSettings, result: Mapping[str, Any], session
 def register(add: AddCommand) -> None:
     """Register ``serve``."""
     s = add("serve", cmd_serve, "serve a bundle (and an index) over HTTP with cross-request batching")
-    s.add_argument("bundle")
+    add_bundle_arg(s)
     s.add_argument("--index", help="index file for /v1/search")
     s.add_argument("--mmap", action="store_true", help="memory-map the index (large galleries)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --api-key-env)")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     add_backend_args(s)
     s.add_argument("--public-key", metavar="PUB.pem",
                    help="serve only if the bundle's signature verifies with this key (see `fine-infer sign`)")
@@ -157,5 +157,6 @@ def register(add: AddCommand) -> None:
                         "would be meaningless)")
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to finish in-flight requests on SIGTERM")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    s.add_argument("--access-log", action="store_true")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level")
+    s.add_argument("--access-log", action="store_true", help="log every request (off: errors and start/stop only)")

@@ -57,7 +57,7 @@ def register(add: AddCommand) -> None:
     """Register ``tune`` with the CLI's ``add(name, fn, help)`` helper."""
     t = add("tune", cmd_tune, "measure the CPU paths of a bundle and store the fastest gated one for backend=auto")
     add_bundle_arg(t)
-    t.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes to time (default 1 8)")
+    t.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes to time")
     t.add_argument("--graphs", nargs="+", help="graphs to time (default: all)")
     t.add_argument("--threads", type=int, help="intra-op threads of ONNX Runtime and OpenVINO (default: theirs)")
     t.add_argument("--quick", action="store_true", help="fewer timed runs per cell (noisier)")
