@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any, Mapping
 
+from fine_infer.errors import ConfigError
 from fine_infer.cli._args import AddCommand, add_backend_args, add_bundle_arg, api_key_from_env, positive
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fine_infer.serve import Limits, bind_socket, check_bind, create_app, run
 
     # Before loading anything, a refused bind, a busy port, a bad setting or a bad bench file fails fast.
+    if args.kernels and args.backend != "torch":
+        raise ConfigError("--kernels runs the fused Triton kernels in the torch backend: add --backend torch")
     api_key = api_key_from_env(args.api_key_env)
     check_bind(args.host, api_key)
     limits = Limits(**{f: getattr(args, f) for f in _limit_fields()})
@@ -36,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         bench = load_json(args.bench_json)
     session = fine_infer.load(args.bundle, backend=args.backend, variant=args.variant, threads=args.threads,
-                              public_key=args.public_key)
+                              public_key=args.public_key, device=args.device, kernels=args.kernels)
     if bench is not None:
         batching = with_bench_sizes(batching, bench, session, f"bench:{args.bench_json}")
     index = None
@@ -45,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         index = Index.load(args.index, mmap=args.mmap)
     app = create_app(session, index, batching=batching, limits=limits, api_key=api_key,
-                     allow_index_mismatch=args.allow_index_mismatch)
+                     allow_index_mismatch=args.allow_index_mismatch, kernel_cache=args.kernel_cache)
     print(f"fine-infer serve: {args.bundle} ({session.manifest.arch or session.manifest.source}, {session.backend})"
           + (f", index {args.index} ({len(index)} items)" if index is not None else "")
           + f" on http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), file=sys.stderr)
@@ -140,6 +143,14 @@ def register(add: AddCommand) -> None:
     add_backend_args(s)
     s.add_argument("--public-key", metavar="PUB.pem",
                    help="serve only if the bundle's signature verifies with this key (see `fine-infer sign`)")
+    s.add_argument("--device", default="cpu",
+                   help="where the torch backend runs: cpu, cuda or cuda:N (ONNX Runtime picks CUDA by itself)")
+    s.add_argument("--kernels", action="store_true",
+                   help="with --backend torch: run the fused Triton kernels (on CUDA), compiled and tuned for every "
+                        "batch size before /readyz")
+    s.add_argument("--kernel-cache", metavar="DIR",
+                   help="keep compiled kernels and their tuning here across restarts (a volume), so a restarted "
+                        "server is ready in seconds (default: $TRITON_CACHE_DIR, else ~/.triton/cache)")
     s.add_argument("--threads", type=positive("--threads"), help="intra-op threads of ONNX Runtime")
     s.add_argument("--max-batch-size", type=positive("--max-batch-size"),
                    help="rows per model run for every graph (default: measured per graph at start-up)")

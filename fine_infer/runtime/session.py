@@ -148,6 +148,11 @@ class Session:
         return self._model
 
     @property
+    def device(self) -> str:
+        """Where PyTorch and TensorRT run (``cpu``, ``cuda``, ``cuda:N``); ONNX Runtime picks by its providers."""
+        return self._device
+
+    @property
     def path(self) -> ExecPath:
         """The backend, variant and kernels this session runs."""
         return ExecPath(self.backend, self.variant, self._kernels)

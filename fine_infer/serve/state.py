@@ -7,6 +7,7 @@ size (the app runs it in a background thread after start-up), and :meth:`ServeSt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -27,8 +28,13 @@ class ServeState:
     """What the app serves: the session, its batcher, the index, the limits, and readiness."""
 
     def __init__(self, session: Any, index: Any | None = None, *, batching: BatchSettings | None = None,
-                 limits: Limits | None = None, api_key: str | None = None, allow_index_mismatch: bool = False) -> None:
+                 limits: Limits | None = None, api_key: str | None = None, allow_index_mismatch: bool = False,
+                 kernel_cache: str | None = None) -> None:
         self.session = session
+        # Where compiled Triton kernels and their tuning are kept across restarts (None: Triton's own default).
+        self.kernel_cache = kernel_cache
+        #: what the kernel warm-up compiled and tuned before /readyz (None: no fused kernel runs in this server)
+        self.kernel_report: dict[str, Any] | None = None
         self.index = index
         self.batching = batching if batching is not None else BatchSettings()
         # Searches of a large gallery are batched across requests too, unless batching is off (max_batch_size 1).
@@ -77,14 +83,19 @@ class ServeState:
         log.warning("serving despite a mismatch (--allow-index-mismatch): %s", problem)
 
     def prepare(self) -> None:
-        """Warm every graph up and calibrate its batch size (unless fixed); then mark the server ready."""
+        """Warm every graph up and calibrate its batch size (unless fixed); where fused Triton kernels run, compile and
+        tune every kernel at every batch size the batcher can form (first calls otherwise take minutes); then mark
+        the server ready."""
         try:
-            for name in self.session.manifest.graphs:
-                self.batcher.warm_up(name)  # first runs allocate: not a client's cost
+            with self._kernel_shapes() as shapes:
+                for name in self.session.manifest.graphs:
+                    self.batcher.warm_up(name)  # first runs allocate: not a client's cost
             cal = self.batcher.calibrate_all()
             for g, c in cal.items():
                 log.info("graph %s: max_batch_size %d, %d lane(s) (%s) %s", g, c.max_batch_size, c.lanes, c.source,
                          {b: round(v, 3) for b, v in c.per_item_ms.items()})
+            if shapes is not None:
+                self._warm_kernels(shapes)
             self.ready = True
         except Exception as exc:  # noqa: BLE001 - reported by /readyz rather than killing the server
             log.exception("preparing the bundle failed")
@@ -107,6 +118,8 @@ class ServeState:
             "max_text_tokens": self.limits.text_token_limit(m.text.max_length if m.text else None),
             "index": None if self.index is None else {"items": len(self.index)},
             "limits": self.limits.to_dict(),
+            "kernels": None if self.kernel_report is None else {
+                k: self.kernel_report.get(k) for k in ("seconds", "cache_dir", "tuned", "skipped")},
             "ready": self.ready,
         }
 
@@ -117,3 +130,34 @@ class ServeState:
         if self.searcher is not None:
             self.searcher.close()
         self.drained = self.cancelled == 0
+
+    def _uses_kernels(self) -> bool:
+        """Whether this server runs fused Triton kernels: the torch backend with ``kernels``, or an index searched on
+        CUDA (its top-k kernel). Nothing is imported for a server that does not."""
+        path = getattr(self.session, "path", None)
+        if path is not None and getattr(path, "kernels", False):
+            return True
+        return self.index is not None and getattr(self.index, "device", "cpu") == "cuda"
+
+    def _kernel_shapes(self) -> contextlib.AbstractContextManager:
+        """Records the kernel calls of the warm-up runs (None when no kernel runs here)."""
+        if not self._uses_kernels():
+            return contextlib.nullcontext(None)
+        from fine_infer import kernels
+
+        kernels.configure_cache(self.kernel_cache)  # before the first kernel compiles
+        return kernels.record_shapes()
+
+    def _warm_kernels(self, shapes: Any) -> None:
+        """Compile and tune every recorded kernel call at each batch size the batcher can form (and each k bucket of
+        a search on CUDA), so no client waits for a compile; the tuning lands in the kept cache folder."""
+        from fine_infer import kernels
+
+        graphs = self.session.manifest.graphs
+        largest = max((self.batcher.max_batch_size(g) or 1 for g in graphs), default=1)
+        max_k = self.limits.max_k if self.index is not None else None
+        device = getattr(self.session, "device", None)
+        self.kernel_report = kernels.warm_up(shapes, batch_sizes=range(1, largest + 1), max_k=max_k,
+                                             device=device if device and device != "cpu" else None)
+        log.info("kernels warmed up in %.1f s (cache %s): %s", self.kernel_report.get("seconds", 0.0),
+                 self.kernel_report.get("cache_dir"), self.kernel_report.get("skipped") or self.kernel_report["tuned"])
