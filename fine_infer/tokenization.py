@@ -54,7 +54,7 @@ BUILTIN_WORDS: tuple[str, ...] = tuple(
 _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CLIP_SPECIALS = ("<pad>", "<|startoftext|>", "<|endoftext|>")
 _WORD_SPECIALS = ("<pad>", "<unk>")
-MAX_TEXT_CHARS = 4096  # bound the work one string can cost before tokenizing
+MAX_TEXT_CHARS = 4096  # the default bound on the work one string can cost before tokenizing
 
 
 def is_blank(text: str) -> bool:
@@ -351,7 +351,8 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_file(str(path))
 
 
-def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False,
+           max_chars: int = MAX_TEXT_CHARS) -> tuple[np.ndarray, np.ndarray]:
     """Encode strings to ``(input_ids, attention_mask)``, both int64 of shape (batch, sequence).
 
     Each text is first cleaned and templated as ``spec`` says (``clean``, ``clean_args``, ``template``:
@@ -359,7 +360,7 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     than ``spec.max_length`` tokens is refused unless ``truncate`` is set
     (then it is cut, keeping the end token; for ``hf`` tokenizers the text's tokens are cut and every special token
     the template adds before and after them is kept, as the tokenizers library truncates), so a query is never
-    silently shortened.
+    silently shortened. A text over ``max_chars`` characters is refused before any tokenizing work.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -370,8 +371,8 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
             raise InputError(f"text {i} is a {type(t).__name__}, not a string")
         if is_blank(t):
             raise InputError(blank_text_message(i))
-        if len(t) > MAX_TEXT_CHARS:
-            raise InputError(f"text {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS}")
+        if len(t) > max_chars:
+            raise InputError(f"text {i} has {len(t)} characters; the limit is {max_chars}")
     encodings = tokenizer.encode_batch(apply_conventions(texts, spec.clean, spec.clean_args, spec.template))
     L = spec.max_length
     rows = []

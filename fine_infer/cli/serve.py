@@ -65,7 +65,7 @@ _LIMIT_HELP = {
     "max_request_pixels": ("PIXELS", "decoded pixels of all images of one request together, from their headers "
                                      "(413 beyond): bounds the decoding one request can cost"),
     "max_text_tokens": ("TOKENS", "longest text in tokens (default: %(default)s = the model's maximum)"),
-    "max_text_chars": ("CHARS", "longest text in characters, on every path (400 beyond; at most 4096)"),
+    "max_text_chars": ("CHARS", "longest text in characters, on every path (400 beyond)"),
     "max_batch_items": ("N", "images or texts in one request"),
     "max_k": ("K", "most hits one search may ask for"),
     "request_timeout_s": ("SECONDS", "longest a request may take, from its headers to its answer (504 beyond)"),

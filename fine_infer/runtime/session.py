@@ -12,6 +12,7 @@ from fine_infer.bundle import Bundle, read_bundle
 from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError, InputError
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
+from fine_infer.tokenization import MAX_TEXT_CHARS
 from fine_infer.runtime.choice import Choice, auto_choice
 from fine_infer.runtime.factory import make_runner
 from fine_infer.runtime.paths import BACKENDS, ExecPath
@@ -45,6 +46,8 @@ class Session:
         self._kernels = kernels
         self._threads = threads
         self._hint = hint
+        #: the longest text (characters) tokenize() takes; a server sets it from its limits
+        self.max_text_chars = MAX_TEXT_CHARS
         self._runners: dict[str, Runner] = {}
         self._lane_runners: dict[tuple[str, int], Runner] = {}  # (graph, intra-op threads): the batcher's lanes
         self._lock = threading.Lock()
@@ -202,7 +205,7 @@ class Session:
 
         if self.manifest.text is None or self.tokenizer is None:
             raise ConfigError(f"bundle {self.bundle.path} takes no text")
-        return encode(self.tokenizer, texts, self.manifest.text, truncate=truncate)
+        return encode(self.tokenizer, texts, self.manifest.text, truncate=truncate, max_chars=self.max_text_chars)
 
     # --- tasks --------------------------------------------------------------------------------------------------
     def _single_output(self, task: str, feeds: dict[str, np.ndarray]) -> np.ndarray:

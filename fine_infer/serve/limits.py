@@ -16,7 +16,7 @@ from typing import Any
 
 from fine_infer.errors import ConfigError, FineInferError
 from fine_infer.preprocess import image_size
-from fine_infer.tokenization import MAX_TEXT_CHARS, blank_text_message, is_blank
+from fine_infer.tokenization import blank_text_message, is_blank
 
 RETRY_AFTER_S = 1  # what a 429 (queue full) or 503 (too many connections) tells the client to wait
 
@@ -63,7 +63,7 @@ class Limits:
     max_image_pixels: int = 25_000_000  # one image, from its header
     max_request_pixels: int = 64_000_000  # all images of one request (about 3 s of decoding on one core)
     max_text_tokens: int | None = None  # None: the model's own maximum (the manifest's max_length)
-    max_text_chars: int = 2048  # at most the tokenizer's own bound, MAX_TEXT_CHARS
+    max_text_chars: int = 2048  # the session's tokenize() is set to the same bound
     max_batch_items: int = 32  # images or texts in one embed/classify request
     max_k: int = 1000
     # --- time and numbers
@@ -81,9 +81,6 @@ class Limits:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"limit {f.name} must be a positive number, not {v!r}")
-        if self.max_text_chars > MAX_TEXT_CHARS:
-            raise ConfigError(f"limit max_text_chars = {self.max_text_chars} is above {MAX_TEXT_CHARS}, the most "
-                              "characters the tokenizer takes")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (reported by ``GET /v1/info``)."""

@@ -40,6 +40,7 @@ class ServeState:
         # Searches of a large gallery are batched across requests too, unless batching is off (max_batch_size 1).
         self.searcher = None if index is None else SearchBatcher(index, self.batching.search_batch_limit)
         self.limits = limits or Limits()
+        session.max_text_chars = self.limits.max_text_chars  # one bound on every path, the batcher's tokenize too
         self.api_key = api_key.encode() if api_key else None
         self.metrics = Metrics(self)
         self.batcher = DynamicBatcher(session, self.batching, on_batch=self.metrics.observe_batch)

@@ -129,12 +129,3 @@ def test_a_reader_gone_is_no_traceback(maaf_bundle, argv, status):
         os.close(w)
     assert res.stderr == b"", res.stderr.decode()
     assert res.returncode in status  # 141: as a process that SIGPIPE ended
-
-
-
-def test_a_limit_past_what_the_code_can_honour_is_refused_in_one_line(maaf_bundle, capsys):
-    from fine_infer.cli import main
-
-    assert main(["serve", str(maaf_bundle), "--max-text-chars", "5000", "--port", str(free_port())]) == 2
-    line = _one_line(capsys.readouterr().err.encode())
-    assert "max_text_chars" in line and "4096" in line, line

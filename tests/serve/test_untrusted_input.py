@@ -133,6 +133,19 @@ def test_text_char_limit_holds_on_the_truncate_path(client):
         assert err["limit"] == "max_text_chars" and err["limit_value"] == 2048, err
 
 
+def test_a_text_char_limit_above_the_tokenizers_default_is_honoured(maaf_session):
+    # the session's tokenize() takes the server's bound, so --max-text-chars is not capped by a hidden 4096
+    app = create_app(maaf_session, batching=BatchSettings(max_batch_size=1), limits=Limits(max_text_chars=6000))
+    with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=DEADLINE_S) as c:
+        s.wait_ready(timeout=DEADLINE_S)
+        long_text = "red dress " * 500  # 5000 characters
+        r = c.post("/v1/embed", json={"images": [IMG], "texts": [long_text], "truncate": True})
+        assert r.status_code == 200, r.text
+        err = _error(c.post("/v1/embed", json={"images": [IMG], "texts": [long_text + "x" * 1001],
+                                               "truncate": True}), 400)
+        assert err["limit"] == "max_text_chars" and err["limit_value"] == 6000, err
+
+
 # --- finding 7: a client gone mid-body is a disconnect ---------------------------------------------------------------
 def _request_counts(url):
     text = httpx.get(url + "/metrics", timeout=DEADLINE_S).text
