@@ -27,7 +27,7 @@ from fine_infer.export.gates import (
     summarize,
     write_references,
 )
-from fine_infer.export.report import ExportReport, GateFailure, SealedCheck
+from fine_infer.export.report import ExportReport, GateFailure, SealedCheck, say
 from fine_infer.specs import ImagePreprocess, TextPreprocess
 
 
@@ -47,12 +47,14 @@ def _run_jobs(
         fname = f"{name}.onnx"
         example = job.sampler(2, job.max_seq_len, torch.Generator().manual_seed(0))
         args = [example[t.name] for t in job.spec.inputs]
+        say(f"{name}: exporting to ONNX ({exporter} exporter)")
         written = export_graph(job.module, job.spec, args, writer.path(fname), opset, exporter)
         g = report.graphs.setdefault(name, {"file": fname, "opset": written, "exporter": exporter})
         entries[name] = GraphEntry(job.spec, fname, written)
         if not gates:
             g["checker"] = "skipped"
             continue
+        say(f"{name}: onnx.checker, then parity with PyTorch at batch sizes {', '.join(map(str, batch_sizes))}")
         check_onnx(writer.path(fname))
         g["checker"] = "passed"
         result: ParityResult = check_parity(
@@ -88,11 +90,13 @@ def _deploy_steps(
         from fine_infer.export._variants import write_variants
 
         rows = write_variants(writer.tmp, entries, jobs, variants, report=report, batch_sizes=batch_sizes,
-                              gates=gates, drop_failed=drop_failed_variants)
+                              gates=gates, drop_failed=drop_failed_variants, log=say)
         kept = [v for v in dict.fromkeys(variants) if not any(r.get("dropped") for r in rows if r["variant"] == v)]
     if not lint:
         return kept
     from fine_infer.export.lint import lint_onnx
+
+    say("TensorRT lint of the fp32 (and fp16) graphs")
 
     axes = {a for job in jobs for t in job.spec.inputs for a in t.shape if isinstance(a, str)}
     for name, entry in entries.items():
@@ -180,7 +184,8 @@ def export_model(
     return _export_jobs(
         jobs, out, source="zoo", text=text, image=model.image_preprocess, tokenizer=model.build_tokenizer(),
         config=config_to_dict(model.config), checks=checks, check_model=model, write_extra=weights,
-        fields={"arch": model.arch, "preset": preset, "embed_dim": model.embed_dim, "class_labels": model.class_labels},
+        fields={"arch": model.arch, "preset": preset, "embed_dim": model.embed_dim, "class_labels": model.class_labels,
+                "weights_origin": getattr(model, "weights_origin", None)},
         started=t0, **options)
 
 
@@ -191,6 +196,7 @@ def _run_checks(checks: Sequence[SealedCheck], model, writer: BundleWriter, mani
         return
     sealed = writer.seal(manifest)
     for check in checks:
+        say(f"{check.name} gate on the finished bundle")
         result = check(model, sealed.path, ["fp32", *variants])
         if result is None:  # the check does not apply to this bundle
             continue
@@ -246,6 +252,7 @@ def _export_jobs(
                                  drop_failed_variants)
         validation = _validation_block(report, tolerance, batch_sizes)
         if references and gates:
+            say("recording reference outputs (validate gates any CPU path against them)")
             validation[REFERENCES_KEY] = write_references(writer.path(REFERENCES_FILE), jobs, batch_sizes=batch_sizes)
         tokenizer_file = None
         if tokenizer is not None:

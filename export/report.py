@@ -3,9 +3,12 @@ and :class:`GateFailure`, raised (carrying the report) when a gate fails."""
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from fine_infer.errors import ExportError
 
@@ -66,3 +69,24 @@ class SealedCheck(Protocol):
         result holding ``passed``, ``reason`` and a one-line ``line`` for the report, or None when the check does not
         apply to this bundle."""
         ...
+
+
+_PROGRESS: ContextVar[Callable[[str], None] | None] = ContextVar("fine_infer_export_progress", default=None)
+
+
+@contextlib.contextmanager
+def progress(report: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, every export step (a graph exported, a gate started) is announced to ``report`` as one
+    short line: exports take tens of seconds to minutes, and a silent one looks hung. The CLI prints them."""
+    token = _PROGRESS.set(report)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def say(message: str) -> None:
+    """Announce an export step to the :func:`progress` listener of this context, if any."""
+    listener = _PROGRESS.get()
+    if listener is not None:
+        listener(message)

@@ -62,6 +62,8 @@ class Manifest:
     tokenizer: str | None = None
     weights: str | None = None
     class_labels: dict[str, list[str]] | None = None
+    # zoo exports: {"kind": "random" | "shipped" | "checkpoint", "file": name}; None where unknown (older bundles)
+    weights_origin: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -81,6 +83,7 @@ class Manifest:
             "tokenizer": self.tokenizer,
             "weights": self.weights,
             "class_labels": self.class_labels,
+            **({"weights_origin": self.weights_origin} if self.weights_origin else {}),
             "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
             "files": dict(sorted(self.files.items())),
             "versions": self.versions,
@@ -157,6 +160,7 @@ class Manifest:
             tokenizer=d.get("tokenizer"),
             weights=d.get("weights"),
             class_labels=d.get("class_labels"),
+            weights_origin=d.get("weights_origin"),
             versions=d.get("versions", {}),
             validation=d.get("validation", {}),
         ).check_names()

@@ -8,6 +8,7 @@ variant asked for are evaluated on the same held-out items and printed side by s
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -41,6 +42,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.n < 2 * 101:
         raise ConfigError(f"--n {args.n} is too small: the FashionGen protocol needs 100 negatives a query; use ≥ 202")
     variants = _variants(bundle, args.variant)
+    from fine_infer.bundle import read_manifest
+
+    if (read_manifest(bundle).weights_origin or {}).get("kind") == "random":
+        print(f"fine-infer eval: note: {bundle} holds random weights (exported without --pretrained or --checkpoint): "
+              "expect chance-level recall", file=sys.stderr)
     reports = []
     if not args.no_reference:
         reports.append(evaluate_reference(bundle, n=args.n, seed=args.seed))

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,16 @@ def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+RANDOM_WEIGHTS = ("the bundle holds random weights: its embeddings and every recall figure are chance-level until "
+                  "it is exported with real ones")
+
+
+def _step_printer():
+    """Prints each export step to stderr with the seconds since the export began."""
+    t0 = time.perf_counter()
+    return lambda message: print(f"  {time.perf_counter() - t0:6.1f} s  {message}", file=sys.stderr, flush=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -57,6 +68,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
                   lint=args.lint, drop_failed_variants=args.drop_failed_variants)
     signing = contextlib.ExitStack()
+    if not args.quiet:  # a step line on stderr as the export goes (it takes tens of seconds to minutes)
+        from fine_infer.export.report import progress
+
+        signing.enter_context(progress(_step_printer()))
     if args.sign_key:  # the key is checked now; the bundle is signed before it is renamed into place
         from fine_infer.bundle.signing import signing_on_commit
 
@@ -65,6 +80,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.arch:
             from fine_infer.tools.recall import default_checks
 
+            if not (args.checkpoint or args.pretrained):
+                print(f"fine-infer export: warning: {RANDOM_WEIGHTS} (no --checkpoint or --pretrained)"
+                      + ("; the paper preset writes ~1-2 GB of them and takes minutes" if args.preset == "paper"
+                         else ""), file=sys.stderr)
             report = export_arch(
                 args.arch, args.out, args.preset, checkpoint=args.checkpoint, pretrained=args.pretrained,
                 checks=default_checks(args.pretrained, args.recall_gate),
@@ -135,6 +154,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"bundle   {bundle.path}  (format {m.format_version}, checksums {'verified' if not args.no_verify else 'not checked'})")
     print(f"source   {m.arch or m.source}" + (f" preset {m.preset}" if m.preset else "") +
           (f", embedding dim {m.embed_dim}" if m.embed_dim else ""))
+    if m.weights_origin:
+        w = m.weights_origin
+        print(f"weights  {w.get('kind')}" + (f" ({w['file']})" if w.get("file") else "")
+              + (": chance-level embeddings" if w.get("kind") == "random" else ""))
     for name, g in m.graphs.items():
         sig = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in g.spec.outputs)
@@ -206,6 +229,7 @@ def register(add: AddCommand) -> None:
     e.add_argument("--atol", type=float, default=None, help="parity gate: max abs error (default 1e-4)")
     e.add_argument("--no-weights", action="store_true", help="leave weights.safetensors out (no torch backend)")
     e.add_argument("--json", action="store_true", help="print the export report as JSON")
+    e.add_argument("--quiet", action="store_true", help="no step-by-step progress lines on stderr")
     dep = e.add_argument_group("deployment variants (each written beside the fp32 graph behind its own gate)")
     dep.add_argument("--fp16", action="store_true", help="fp16 graph for GPUs/TensorRT (gate: cosine ≥ 0.999)")
     dep.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 graph (gate: cosine ≥ 0.99)")

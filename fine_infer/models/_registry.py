@@ -132,10 +132,16 @@ def create(
     entry = get_arch(arch)
     config = make_config(arch, preset, **overrides)
     model = entry.model_cls(config)
+    # Where the weights came from: an export records it in the manifest, so nobody mistakes random weights' chance-level
+    # results for a broken model.
+    model.weights_origin = {"kind": "random"}
     if pretrained:
-        model.load_checkpoint(shipped_weights(arch, preset))
+        path = shipped_weights(arch, preset)
+        model.load_checkpoint(path)
+        model.weights_origin = {"kind": "shipped", "file": path.name}
     if checkpoint is not None:
         model.load_checkpoint(checkpoint)
+        model.weights_origin = {"kind": "checkpoint", "file": Path(checkpoint).name}
     return model.eval()
 
 

@@ -83,8 +83,10 @@ def _mark(item, product: Product) -> str:
 
 def _export(arch: str, out: Path, pretrained: bool):
     from fine_infer.export import export_arch
+    from fine_infer.export.report import progress
 
-    report = export_arch(arch, out, "tiny", pretrained=pretrained, force=True)
+    with progress(lambda step: print(f"     {arch}: {step}", flush=True)):  # a silent 20 s looks hung
+        report = export_arch(arch, out, "tiny", pretrained=pretrained, force=True)
     for line in report.summary_lines():
         print("     " + line)
 
