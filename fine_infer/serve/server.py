@@ -138,9 +138,10 @@ def run(
     return not server.force_exit and (state is None or state.drained)
 
 
-def wait_ready(url: str, timeout: float = 60.0, died: Callable[[], str | None] | None = None) -> None:
-    """Poll ``url/readyz`` until it answers 200, bounded by ``timeout``; ``died()``, when given, says why the server
-    is gone (then RuntimeError at once) or None while it runs."""
+def wait_ready(url: str, timeout: float = 60.0, died: Callable[[], str | None] | None = None,
+               path: str = "/readyz") -> None:
+    """Poll ``url`` + ``path`` until it answers 200, bounded by ``timeout``; ``died()``, when given, says why the
+    server is gone (then RuntimeError at once) or None while it runs. (Another server's health route: ``path``.)"""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -149,7 +150,7 @@ def wait_ready(url: str, timeout: float = 60.0, died: Callable[[], str | None] |
         if why:
             raise RuntimeError(f"the server at {url} is gone: {why}")
         try:
-            if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
+            if httpx.get(url + path, timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
