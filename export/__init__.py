@@ -37,6 +37,7 @@ _LAZY = {
     "declare": "_user_module",
     "export_hf": "hf",
     "ExportReport": "report", "GateFailure": "report", "SealedCheck": "report",
+    "drop_warning": "_variants",
 }
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         load_factory,
         parse_dynamic_axes,
     )
+    from fine_infer.export._variants import drop_warning
     from fine_infer.export.hf import export_hf
     from fine_infer.export.report import ExportReport, GateFailure, SealedCheck
 
@@ -94,6 +96,7 @@ __all__ = [
     "UserGraph",
     "check_onnx",
     "declare",
+    "drop_warning",
     "export_arch",
     "export_graph",
     "export_hf",

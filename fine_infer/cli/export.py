@@ -106,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise
     finally:
         signing.close()
-    from fine_infer.export._variants import drop_warning
+    from fine_infer.export import drop_warning
 
     warning = drop_warning(report.graphs)  # --drop-failed-variants left a variant out: say so every time
     if warning:
