@@ -68,7 +68,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
                   lint=args.lint, drop_failed_variants=args.drop_failed_variants)
     signing = contextlib.ExitStack()
-    if not args.quiet:  # a step line on stderr as the export goes (it takes tens of seconds to minutes)
+    # A step line on stderr as the export goes (it takes tens of seconds to minutes): on a terminal, or when asked;
+    # logs and pipes that read stderr for the one-line error get just that.
+    if args.progress or (not args.quiet and sys.stderr.isatty()):
         from fine_infer.export.report import progress
 
         signing.enter_context(progress(_step_printer()))
@@ -230,6 +232,8 @@ def register(add: AddCommand) -> None:
     e.add_argument("--no-weights", action="store_true", help="leave weights.safetensors out (no torch backend)")
     e.add_argument("--json", action="store_true", help="print the export report as JSON")
     e.add_argument("--quiet", action="store_true", help="no step-by-step progress lines on stderr")
+    e.add_argument("--progress", action="store_true",
+                   help="step-by-step progress lines on stderr even when it is not a terminal (e.g. a CI log)")
     dep = e.add_argument_group("deployment variants (each written beside the fp32 graph behind its own gate)")
     dep.add_argument("--fp16", action="store_true", help="fp16 graph for GPUs/TensorRT (gate: cosine ≥ 0.999)")
     dep.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 graph (gate: cosine ≥ 0.99)")
