@@ -10,7 +10,8 @@ from fine_infer.errors import ConfigError
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Latency (p50/p90/p99) and throughput per graph, backend and batch size, or of a running server (--serve).
+    """Latency (p50/p90/p99) and throughput per graph, backend and batch size, or of a running server (--serve for
+    fine-infer serve, --triton for a Triton Inference Server's raw-input models over KServe v2).
 
     Prints a table; --json and --plot write the result and a PNG; --compare OLD.json prints new/old ratios and
     exits 1 when a row's p50 latency regressed past --max-regression.
@@ -19,17 +20,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     old = bench.load_json(args.compare) if args.compare else None  # a bad file fails before minutes of timing
     progress = not args.no_progress
-    if args.serve:
+    if args.serve and args.triton:
+        raise ConfigError("give --serve URL or --triton URL, not both (run bench once per server)")
+    if args.serve or args.triton:
         if args.bundle:
-            raise ConfigError("give a BUNDLE or --serve URL, not both")
-        result = bench.bench_server(args.serve, concurrency=args.concurrency or bench.DEFAULT_CONCURRENCY,
-                                    workloads=args.graphs, requests=args.requests, max_time_s=args.max_time,
-                                    api_key=api_key_from_env(args.api_key_env), progress=progress)
+            raise ConfigError(f"give a BUNDLE or {'--serve' if args.serve else '--triton'} URL, not both")
+        load = dict(concurrency=args.concurrency or bench.DEFAULT_CONCURRENCY, workloads=args.graphs,
+                    requests=args.requests, max_time_s=args.max_time, progress=progress)
+        if args.serve:
+            result = bench.bench_server(args.serve, api_key=api_key_from_env(args.api_key_env), **load)
+        else:
+            if args.api_key_env:
+                raise ConfigError("--api-key-env goes with --serve (Triton takes no API key here)")
+            result = bench.bench_triton(args.triton, **load)
     else:
         if not args.bundle:
-            raise ConfigError("give a BUNDLE to benchmark, or --serve URL to load-test a running server")
+            raise ConfigError("give a BUNDLE to benchmark, or --serve / --triton URL to load-test a running server")
         if args.concurrency:
-            raise ConfigError("--concurrency goes with --serve URL")
+            raise ConfigError("--concurrency goes with --serve URL or --triton URL")
         budget = bench.QUICK if args.quick else bench.Budget()
         result = bench.bench_bundle(args.bundle, backends=args.backend or bench.BACKENDS,
                                     batch_sizes=args.batch_sizes or bench.DEFAULT_BATCHES, graphs=args.graphs,
@@ -68,9 +76,14 @@ def register(add: AddCommand) -> None:
     b.add_argument("--max-regression", type=float, default=0.10,
                    help="allowed p50 latency growth with --compare (0.10 = 10%%)")
     b.add_argument("--serve", metavar="URL", help="load-test a running `fine-infer serve` instead")
+    b.add_argument("--triton", metavar="URL",
+                   help="load-test a Triton Inference Server instead (KServe v2 HTTP, e.g. http://127.0.0.1:8000): "
+                        "its models taking raw 'text' / 'image' BYTES, as `fine-infer triton-repo` writes them; "
+                        "--graphs picks models by name")
     b.add_argument("--concurrency", nargs="+", type=positive("--concurrency"),
-                   help="with --serve: concurrent clients (default: 1 8 32)")
-    b.add_argument("--requests", type=positive("--requests"), default=400, help="with --serve: requests per row")
-    b.add_argument("--max-time", type=float, default=10.0, help="with --serve: seconds per row at most")
+                   help="with --serve/--triton: concurrent clients (default: 1 8 32)")
+    b.add_argument("--requests", type=positive("--requests"), default=400,
+                   help="with --serve/--triton: requests per row")
+    b.add_argument("--max-time", type=float, default=10.0, help="with --serve/--triton: seconds per row at most")
     b.add_argument("--api-key-env", metavar="VAR", help="with --serve: the API key's environment variable")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fine_infer.cli._args import AddCommand, add_bundle_arg, print_json
+from fine_infer.cli._args import AddCommand, add_bundle_arg, positive, print_json
 from fine_infer.errors import ConfigError
 
 
@@ -89,17 +89,35 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
-    """Write an NVIDIA Triton Inference Server model repository (config.pbtxt with dynamic batching) for a bundle."""
+    """Write an NVIDIA Triton Inference Server model repository for a bundle: per graph an ensemble taking raw text and
+    image bytes (the bundle's preprocessing in a Python-backend model), the graph with dynamic batching, and with
+    --index a search ensemble."""
     from fine_infer.export.triton_repo import write_triton_repo
 
+    if args.index:
+        _check_index(args.bundle, args.index)
     models = write_triton_repo(args.bundle, args.out, variant=args.variant, engines=not args.no_engines,
                                max_batch_size=args.max_batch_size, force=args.force,
-                               tensorrt_version=args.tensorrt_version)
+                               tensorrt_version=args.tensorrt_version, backend=args.backend,
+                               tensors_only=args.tensors_only, index=args.index, k=args.k, instances=args.instances,
+                               preprocess_instances=args.preprocess_instances, threads=args.threads,
+                               prefix=args.prefix)
     if args.json:
         print_json(models)
     else:
         print(f"wrote {args.out}: " + ", ".join(f"{n} ({m['platform']})" for n, m in models.items()))
     return 0
+
+
+def _check_index(bundle: str, index: str) -> None:
+    """An index whose vectors the bundle's embeddings cannot search is refused before anything is written."""
+    from fine_infer.bundle import read_manifest
+    from fine_infer.index import Index
+
+    dim = read_manifest(bundle).embed_dim
+    have = Index.load(index, mmap=True, verify=False).dim  # the header only; the server verifies the whole file
+    if dim is not None and have != dim:
+        raise ConfigError(f"index {index} holds {have}-dimensional vectors; the bundle's embeddings have {dim}")
 
 
 def register(add: AddCommand) -> None:
@@ -143,4 +161,19 @@ def register(add: AddCommand) -> None:
     tr.add_argument("--tensorrt-version", metavar="X.Y.Z",
                     help="the TensorRT version of the Triton server that will load the plans: an engine that will "
                          "not run on it is refused (without this flag: a warning naming the version each plan needs)")
+    tr.add_argument("--backend", choices=["onnxruntime", "tensorrt", "python"], default=None,
+                    help="what runs each graph: Triton's ONNX Runtime or TensorRT backend, or the Python backend "
+                         "through fine_infer.load (ONNX Runtime / OpenVINO on CPU: a CPU-only Triton serves the whole "
+                         "repository) (default: the bundle's engine where it has one, else onnxruntime)")
+    tr.add_argument("--tensors-only", action="store_true",
+                    help="write the graph models alone (tensor inputs, no Python-backend preprocessing or ensembles)")
+    tr.add_argument("--index", metavar="FILE", help="an index file (fine-infer index): adds a search model and, per "
+                                                    "embedding graph, a search ensemble (raw query in, top-k out)")
+    tr.add_argument("--k", type=positive("--k"), default=10, help="hits a search ensemble returns unless asked")
+    tr.add_argument("--instances", type=positive("--instances"), default=1, help="instances of each graph model")
+    tr.add_argument("--preprocess-instances", type=positive("--preprocess-instances"), default=1,
+                    help="instances (processes) of the preprocessing model")
+    tr.add_argument("--threads", type=positive("--threads"),
+                    help="with --backend python: intra-op threads of each graph instance (default: the runtime's)")
+    tr.add_argument("--prefix", help="model names start with this (default: the bundle's arch)")
     tr.add_argument("--json", action="store_true", help="print what was written as JSON")

@@ -20,7 +20,6 @@ import base64
 import binascii
 import contextlib
 import json
-import posixpath
 import threading
 from typing import Any, Sequence
 
@@ -40,6 +39,7 @@ from fine_infer.serve import schemas
 from fine_infer.serve.guard import Guard, error_body, error_headers
 from fine_infer.serve.limits import Limits, ServeError
 from fine_infer.serve.metrics import CONTENT_TYPE
+from fine_infer.serve.search import public_metadata
 from fine_infer.serve.state import ServeState
 
 # From this size a scan holds the event loop longer than handing it to the search worker costs: such galleries are
@@ -123,22 +123,6 @@ async def _parse_form(request: Request, model: type[BaseModel], state: ServeStat
     finally:
         await form.close()
     return parts
-
-
-def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A hit's metadata as a client sees it: an absolute ``path`` or ``image`` (where ``fine-infer index`` used to
-    record the server's own file) becomes its file name; relative paths (relative to the indexed folder or
-    catalogue, as it records them now) stay. The index keeps what it stores, so the CLI's search still opens them."""
-    if not meta:
-        return meta
-    out = meta
-    for key in ("path", "image"):
-        v = meta.get(key)
-        if isinstance(v, str) and (v.startswith(("/", "\\")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\")):
-            if out is meta:
-                out = dict(meta)
-            out[key] = posixpath.basename(v.replace("\\", "/"))
-    return out
 
 
 def _decode_image(s: str, i: int) -> bytes:

@@ -14,6 +14,7 @@ then storage slot, so a top-k is the prefix of any larger top-k — the answer i
 from __future__ import annotations
 
 import asyncio
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -75,3 +76,19 @@ class SearchBatcher:
         """Answer what is queued, then stop the worker."""
         self._queue.close(drain=True)
         self._queue.join(timeout)
+
+
+def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A hit's metadata as a client sees it: an absolute ``path`` or ``image`` (where ``fine-infer index`` used to
+    record the server's own file) becomes its file name; relative paths (relative to the indexed folder or
+    catalogue, as it records them now) stay. The index keeps what it stores, so the CLI's search still opens them."""
+    if not meta:
+        return meta
+    out = meta
+    for key in ("path", "image"):
+        v = meta.get(key)
+        if isinstance(v, str) and (v.startswith(("/", "\\")) or (len(v) > 2 and v[1] == ":" and v[2] in "/\\")):
+            if out is meta:
+                out = dict(meta)
+            out[key] = posixpath.basename(v.replace("\\", "/"))
+    return out
