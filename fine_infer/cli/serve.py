@@ -20,9 +20,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Listens on 127.0.0.1:8080 by default; any other address needs an API key (--api-key-env). Concurrent requests
     are batched per graph, with each graph's batch size calibrated at start-up unless given.
     """
-    import fine_infer
     from fine_infer.batching import BatchSettings
-    from fine_infer.serve import Limits, bind_socket, check_bind, create_app, run
+    from fine_infer.serve import Limits, bind_socket, check_bind
 
     # Before loading anything, a refused bind, a busy port, a bad setting or a bad bench file fails fast.
     if args.kernels and args.backend != "torch":
@@ -38,7 +37,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fine_infer.tools.bench import load_json
 
         bench = load_json(args.bench_json)
-    session = fine_infer.load(args.bundle, backend=args.backend, variant=args.variant, threads=args.threads,
+    if args.workers == 1:
+        return _serve(args, sock, api_key, limits, batching, bench)
+    from fine_infer.serve.workers import serve_in_workers
+
+    return serve_in_workers(args.workers, sock,
+                            lambda i: _serve(args, sock, api_key, limits, batching, bench, worker=(i, args.workers)))
+
+
+def _serve(args: argparse.Namespace, sock: Any, api_key: str | None, limits: Any, batching: Any, bench: Any,
+           worker: tuple[int, int] | None = None) -> int:
+    """Load the bundle (and index), build the app and serve on ``sock`` until stopped; the exit code. One of
+    ``--workers`` prepares before it accepts (the listening socket is shared: a connection must find it ready) and
+    gets the cores divided between the workers unless ``--threads`` says otherwise."""
+    import fine_infer
+    from fine_infer._cpu import cpu_cores
+    from fine_infer.serve import create_app, run
+
+    threads = args.threads or (max(1, cpu_cores() // worker[1]) if worker else None)
+    session = fine_infer.load(args.bundle, backend=args.backend, variant=args.variant, threads=threads,
                               public_key=args.public_key, device=args.device, kernels=args.kernels)
     if bench is not None:
         batching = with_bench_sizes(batching, bench, session, f"bench:{args.bench_json}")
@@ -48,10 +65,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         index = Index.load(args.index, mmap=args.mmap)
     app = create_app(session, index, batching=batching, limits=limits, api_key=api_key,
-                     allow_index_mismatch=args.allow_index_mismatch, kernel_cache=args.kernel_cache)
+                     allow_index_mismatch=args.allow_index_mismatch, kernel_cache=args.kernel_cache,
+                     prepare="now" if worker else "background", worker=worker)
     print(f"fine-infer serve: {args.bundle} ({session.manifest.arch or session.manifest.source}, {session.backend})"
           + (f", index {args.index} ({len(index)} items)" if index is not None else "")
-          + f" on http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), file=sys.stderr)
+          + f" on http://{args.host}:{args.port}" + (" (API key required)" if api_key else "")
+          + (f", worker {worker[0] + 1} of {worker[1]} ready" if worker else ""), file=sys.stderr)
     clean = run(app, args.host, args.port, sock=sock, api_key=api_key, log_level=args.log_level,
                 access_log=args.access_log, graceful_s=args.graceful_timeout)
     return 0 if clean else 1  # 0 after a drained SIGTERM too; 1 when requests were cut off
@@ -151,6 +170,10 @@ def register(add: AddCommand) -> None:
     s.add_argument("--kernel-cache", metavar="DIR",
                    help="keep compiled kernels and their tuning here across restarts (a volume), so a restarted "
                         "server is ready in seconds (default: $TRITON_CACHE_DIR, else ~/.triton/cache)")
+    s.add_argument("--workers", type=positive("--workers"), default=1,
+                   help="server processes sharing the port, each with its own copy of the model (one process is held "
+                        "to about a core by Python: more serve more requests of a small model on a box with more "
+                        "cores); each prepares before it accepts")
     s.add_argument("--threads", type=positive("--threads"), help="intra-op threads of ONNX Runtime")
     s.add_argument("--max-batch-size", type=positive("--max-batch-size"),
                    help="rows per model run for every graph (default: measured per graph at start-up)")

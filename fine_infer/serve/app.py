@@ -310,18 +310,20 @@ def _body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
 
 def create_app(session: Any, index: Any | None = None, *, batching: BatchSettings | None = None,
                limits: Limits | None = None, api_key: str | None = None, prepare: str = "background",
-               allow_index_mismatch: bool = False, kernel_cache: str | None = None) -> FastAPI:
+               allow_index_mismatch: bool = False, kernel_cache: str | None = None,
+               worker: tuple[int, int] | None = None) -> FastAPI:
     """The ASGI app serving ``session`` (and ``index`` for ``/v1/search``).
 
     ``batching``: how requests are batched (:class:`~fine_infer.batching.BatchSettings`; default: each graph's
     batch size and lanes calibrated at start-up, a 2 ms adaptive delay). ``prepare``: ``"background"`` (warm-up and
     calibration after start-up; ``/readyz`` says when done), ``"now"`` (before this returns) or ``"skip"`` (ready at
     once). ``allow_index_mismatch``: serve an index that records another bundle (refused otherwise). ``kernel_cache``:
-    the folder kept across restarts for compiled Triton kernels and their tuning, where fused kernels run. The
-    :class:`ServeState` is ``app.state.serve``.
+    the folder kept across restarts for compiled Triton kernels and their tuning, where fused kernels run.
+    ``worker``: (index, count) of this process among ``fine-infer serve --workers``. The :class:`ServeState` is
+    ``app.state.serve``.
     """
     state = ServeState(session, index, batching=batching, limits=limits, api_key=api_key,
-                       allow_index_mismatch=allow_index_mismatch, kernel_cache=kernel_cache)
+                       allow_index_mismatch=allow_index_mismatch, kernel_cache=kernel_cache, worker=worker)
     if prepare == "now":
         state.prepare()
     elif prepare == "skip":

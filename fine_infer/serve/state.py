@@ -29,8 +29,9 @@ class ServeState:
 
     def __init__(self, session: Any, index: Any | None = None, *, batching: BatchSettings | None = None,
                  limits: Limits | None = None, api_key: str | None = None, allow_index_mismatch: bool = False,
-                 kernel_cache: str | None = None) -> None:
+                 kernel_cache: str | None = None, worker: tuple[int, int] | None = None) -> None:
         self.session = session
+        self.worker = worker  # (index, count) among `serve --workers` processes; None: the only one
         # Where compiled Triton kernels and their tuning are kept across restarts (None: Triton's own default).
         self.kernel_cache = kernel_cache
         #: what the kernel warm-up compiled and tuned before /readyz (None: no fused kernel runs in this server)
@@ -121,6 +122,7 @@ class ServeState:
             "limits": self.limits.to_dict(),
             "kernels": None if self.kernel_report is None else {
                 k: self.kernel_report.get(k) for k in ("seconds", "cache_dir", "tuned", "skipped")},
+            "worker": list(self.worker) if self.worker else None,
             "ready": self.ready,
         }
 
