@@ -80,6 +80,8 @@ def _deploy_steps(
     batch_sizes: Sequence[int],
     gates: bool,
     drop_failed_variants: bool = False,
+    calibration: Any = None,
+    preprocessing: tuple = (None, None, None),
 ) -> list[str]:
     """After the fp32 gates: write and gate every requested variant, then (``lint``) check the TensorRT-bound files
     (fp32 and fp16) with the TensorRT op lint. A failure raises :class:`GateFailure` and nothing is written; with
@@ -90,7 +92,8 @@ def _deploy_steps(
         from fine_infer.export._variants import write_variants
 
         rows = write_variants(writer.tmp, entries, jobs, variants, report=report, batch_sizes=batch_sizes,
-                              gates=gates, drop_failed=drop_failed_variants, log=say)
+                              gates=gates, drop_failed=drop_failed_variants, log=say, calibration=calibration,
+                              preprocessing=preprocessing)
         kept = [v for v in dict.fromkeys(variants) if not any(r.get("dropped") for r in rows if r["variant"] == v)]
     if not lint:
         return kept
@@ -150,7 +153,8 @@ def export_model(
 
     ``options``: ``opset``, ``exporter`` (``dynamo``/``legacy``), ``atol`` (fp32 parity, default 1e-4),
     ``batch_sizes`` (default 1, 3, 8), ``force``, ``gates`` (default on), ``variants``, ``lint``,
-    ``drop_failed_variants``, ``references`` (default on), as :func:`_export_jobs` takes them.
+    ``drop_failed_variants``, ``references`` (default on), ``calibration`` (the calibrated int8 variants' data), as
+    :func:`_export_jobs` takes them.
     """
     from fine_infer.models import config_to_dict
 
@@ -233,6 +237,7 @@ def _export_jobs(
     lint: bool = False,
     drop_failed_variants: bool = False,
     references: bool = True,
+    calibration: Any = None,
     started: float | None = None,
 ) -> ExportReport:
     """Export ``jobs`` to a bundle at ``out`` behind the gates (what :func:`export_model`, user modules and Hugging
@@ -241,7 +246,9 @@ def _export_jobs(
     outputs; ``checks`` run on the sealed bundle (called with ``check_model``). ``text``/``image`` are the manifest's
     preprocessing; ``fields`` more manifest fields (arch, preset, embed_dim, class_labels), and ``write_extra(writer)``
     writes more files and returns their manifest fields (weights). The embedding dimension defaults to the last dim of
-    the first graph's first output."""
+    the first graph's first output. ``calibration`` (:class:`~fine_infer.export._calibrate.CalibrationData`): the real
+    inputs of the calibrated int8 variants (``int8-static``, ``openvino-int8``), fed through ``image``, ``text`` and
+    ``tokenizer``."""
     t0 = time.perf_counter() if started is None else started
     tolerance = default_tolerance(atol)
     report = ExportReport(str(out))
@@ -249,7 +256,7 @@ def _export_jobs(
     with BundleWriter(out, force=force) as writer:
         entries = _run_jobs(jobs, writer, report, opset, exporter, tolerance, batch_sizes, gates)
         variants = _deploy_steps(writer, entries, jobs, report, variants, lint, batch_sizes, gates,
-                                 drop_failed_variants)
+                                 drop_failed_variants, calibration, (image, text, tokenizer))
         validation = _validation_block(report, tolerance, batch_sizes)
         if references and gates:
             say("recording reference outputs (validate gates any CPU path against them)")

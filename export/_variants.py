@@ -12,7 +12,17 @@ fp16      fp16 graph, norms/softmax/reductions    min cosine ≥ 0.999, top-10 a
           in fp32, fp32 inputs/outputs                                                             fp16 input)
 int8      ORT dynamic quantisation, int8 weights  min cosine ≥ 0.99, top-10 agreement ≥ 0.9       no
 cpu-opt   ORT transformer fusions (contrib ops)   max abs error ≤ 1e-4, top-10 agreement ≥ 0.9    no
+int8-     ORT static QDQ int8, calibrated         min cosine ≥ 0.99, top-10 agreement ≥ 0.9,      no
+static                                            on HELD-OUT real inputs
+openvino- NNCF int8 OpenVINO IR (.xml + .bin),    min cosine ≥ 0.99, top-10 agreement ≥ 0.9,      no
+int8      calibrated                              on HELD-OUT real inputs, run on OpenVINO
 ========  ======================================  ==============================================  ==========
+
+The two calibrated variants (``export --int8-static``, both at once) are quantised on real inputs
+(:class:`fine_infer.export._calibrate.CalibrationData`, through the bundle's own preprocessing and tokenisation) and
+gated on held-out ones the calibration never saw, against fp32 PyTorch on those inputs. A graph whose inputs the data
+cannot feed (a text graph given only images, a custom input) is calibrated and gated on the export's random sampler
+instead, and its row says so (``calibration.random``).
 
 For classifier outputs (``kind="logits"``) the agreement criterion is arg-max agreement, as in the fp32 gate, and
 agreement is measured over every sampled row of batches 1, 3 and 8 together.
@@ -34,6 +44,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Any, Callable, Sequence
 
 
@@ -44,6 +56,7 @@ from fine_infer.bundle.variants import ORT_CPU_ONLY
 from fine_infer.export._onnx import check_onnx
 from fine_infer.export.gates import (
     DEFAULT_BATCHES,
+    Sample,
     VARIANT_TOLERANCES,
     GraphJob,
     RunFn,
@@ -55,8 +68,10 @@ from fine_infer.export.gates import (
 )
 from fine_infer.export.report import ExportReport, GateFailure
 
-VARIANTS = ("fp16", "int8", "cpu-opt")
+VARIANTS = ("fp16", "int8", "int8-static", "openvino-int8", "cpu-opt")
+CALIBRATED = ("int8-static", "openvino-int8")
 TOLERANCES = {v: VARIANT_TOLERANCES[v] for v in VARIANTS}
+OPENVINO_IR = ("openvino-int8",)  # variants written as an OpenVINO IR (.xml + .bin), not ONNX
 # fp16 graphs also run on onnx.reference (numpy, every value stored in fp16), which is slow: ~18 s for a ResNet-50
 # (48 MB in fp16) at batch 1 here. Small graphs run at batches 1 and 3, mid-size ones at batch 1 only, and larger
 # ones are left to the gpu tests on TensorRT (the row records why).
@@ -65,16 +80,35 @@ EMULATE_FP16_MAX_BYTES = 256 << 20
 
 
 def variant_file(graph: str, variant: str) -> str:
-    """File name of ``variant`` of ``graph`` inside a bundle (``image.fp16.onnx``)."""
-    return f"{graph}.{variant}.onnx"
+    """File name of ``variant`` of ``graph`` inside a bundle (``image.fp16.onnx``; ``image.openvino-int8.xml``, whose
+    weights are the ``.bin`` of the same name)."""
+    return f"{graph}.{variant}.{'xml' if variant in OPENVINO_IR else 'onnx'}"
 
 
-def _build(variant: str, src: Path, dst: Path) -> dict[str, Any]:
-    """Write one variant; returns what the converter reports."""
+def variant_files(graph: str, variant: str) -> list[str]:
+    """Every file ``variant`` of ``graph`` writes (an OpenVINO IR: the .xml and its .bin)."""
+    name = variant_file(graph, variant)
+    return [name, name[:-4] + ".bin"] if variant in OPENVINO_IR else [name]
+
+
+def _build(variant: str, src: Path, dst: Path, calibrate: Sequence[dict] | None = None,
+           calibration: Any = None, score: Callable | None = None) -> dict[str, Any]:
+    """Write one variant; returns what the converter reports. ``calibrate``: the calibration samples of the
+    calibrated variants (``calibration``: their :class:`~fine_infer.export._calibrate.CalibrationData`, ``score``:
+    rates an OpenVINO candidate on them)."""
     if variant == "fp16":
         from fine_infer.export._fp16 import convert_to_fp16
 
         return convert_to_fp16(src, dst).to_dict()
+    if variant == "int8-static":
+        from fine_infer.export._calibrate import quantize_static_ort
+
+        return quantize_static_ort(src, dst, calibrate or [])
+    if variant == "openvino-int8":
+        from fine_infer.export._calibrate import quantize_openvino
+
+        return quantize_openvino(src, dst, calibrate or [], subset_size=getattr(calibration, "subset_size", None),
+                                 smooth_quant=getattr(calibration, "smooth_quant", "auto"), score=score)
     from fine_infer.export._int8 import optimize_cpu, quantize_int8
 
     if variant == "int8":
@@ -104,6 +138,7 @@ def check_variant_parity(
     tolerance: Tolerance,
     batch_sizes: Sequence[int] = DEFAULT_BATCHES,
     seed: int | None = None,
+    samples: Sequence[Sample] | None = None,
 ) -> tuple[list[dict], int, str]:
     """Compare ``onnx_path`` with ``job.module`` (fp32 PyTorch) on fresh inputs at ``batch_sizes``.
 
@@ -113,12 +148,21 @@ def check_variant_parity(
     fp32 and drops the casts between them, so an fp16 overflow (x² > 65504 in a variance) never shows there, while
     the reference evaluator stores every value in fp16 as a GPU does.
 
+    ``samples``: the inputs and fp32 PyTorch outputs to compare on (the calibrated variants' held-out real inputs;
+    default: fresh random ones from ``seed``). An ``openvino-int8`` IR runs on OpenVINO (float ops at f32) instead.
+
     Returns (rows: per runtime, those of :func:`fine_infer.export.gates.compare_runs`; the seed; the reasons it
     failed or "")."""
     seed = fresh_seed() if seed is None else seed
     names = [t.name for t in job.spec.outputs]
-    runtimes: dict[str, tuple[RunFn, int, Tolerance]] = {
-        "onnxruntime": (ort_cpu_runner(onnx_path, variant), max(batch_sizes), tolerance)}
+    if variant in OPENVINO_IR:
+        from fine_infer.export._calibrate import openvino_runner
+
+        runtimes: dict[str, tuple[RunFn, int | None, Tolerance]] = {
+            "openvino": (openvino_runner(onnx_path), None, tolerance)}
+    else:
+        runtimes = {"onnxruntime": (ort_cpu_runner(onnx_path, variant), None if samples else max(batch_sizes),
+                                    tolerance)}
     rows: list[dict] = []
     if variant == "fp16":
         ref, max_batch, why_not = _reference_runner(onnx_path, names)
@@ -127,7 +171,7 @@ def check_variant_parity(
         else:
             cosine_only = Tolerance(atol=None, min_cosine=tolerance.min_cosine, min_topk=None, k=tolerance.k)
             runtimes["fp16-reference"] = (ref, max_batch, cosine_only)
-    samples = sample_references(job, batch_sizes, seed)
+    samples = list(samples) if samples is not None else sample_references(job, batch_sizes, seed)
     reasons: list[str] = []
     for runtime, (run, max_batch, tol) in runtimes.items():
         checks, reason = compare_runs(run, job, samples, tol, seed, label=f"{variant} on {runtime}",
@@ -139,26 +183,99 @@ def check_variant_parity(
 
 
 # The command-line flag that asks for each variant (the failure line says what to rerun).
-CLI_FLAGS = {"fp16": "--fp16", "int8": "--int8", "cpu-opt": "--optimize cpu"}
+CLI_FLAGS = {"fp16": "--fp16", "int8": "--int8", "int8-static": "--int8-static", "openvino-int8": "--int8-static",
+             "cpu-opt": "--optimize cpu"}
+
+
+def _real_samples(job: GraphJob, held: Sequence[dict]) -> list[Sample]:
+    """The held-out real inputs and fp32 PyTorch's outputs for them."""
+    import torch
+
+    out = []
+    for feeds in held:
+        with torch.no_grad():
+            ref = job.module(*[torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in job.spec.inputs])
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        seq = int(feeds["input_ids"].shape[1]) if "input_ids" in feeds else None
+        out.append(Sample(int(next(iter(feeds.values())).shape[0]), seq, dict(feeds),
+                          [r.detach().float().numpy() for r in refs]))
+    return out
+
+
+def _random_calibration(job: GraphJob, n: int, seed: int) -> list[dict]:
+    """``n`` batch-1 samples of the export's random sampler (a graph the calibration data cannot feed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [{k: v.numpy() for k, v in job.sampler(1, job.max_seq_len, gen).items()} for _ in range(n)]
+
+
+def _calibration_for(job: GraphJob, calibration: Any, preprocessing: tuple, seed: int) -> dict[str, Any]:
+    """The calibrated variants' inputs for one graph: ``calibrate`` (samples), ``held`` (gate samples or None for
+    fresh random ones) and ``record`` (what the row says about them)."""
+    from fine_infer.export._calibrate import graph_calibration
+
+    image, text, tokenizer = preprocessing
+    gc = graph_calibration(job.spec, calibration, image, text, tokenizer)
+    if gc.random:
+        return {"calibrate": _random_calibration(job, calibration.size, seed), "held": None,
+                "record": {"random": gc.random, "samples": calibration.size,
+                           "note": "calibrated and gated on the export's random sampler"}}
+    return {"calibrate": gc.calibrate, "held": _real_samples(job, gc.held_out),
+            "record": {"data": gc.what, "samples": len(gc.calibrate),
+                       "held_out": sum(len(next(iter(f.values()))) for f in gc.held_out)}}
+
+
+def _score(job: GraphJob, calibrate: Sequence[dict]) -> Callable:
+    """Rates a candidate runner by its min cosine against fp32 PyTorch on (up to 16 of) the calibration inputs: how
+    :func:`fine_infer.export._calibrate.quantize_openvino` keeps SmoothQuant on or off without seeing the held-out
+    inputs."""
+    from fine_infer.compare import compare
+
+    refs = _real_samples(job, list(calibrate)[:16])
+
+    def score(run: Callable) -> float:
+        worst = 1.0
+        for s in refs:
+            got = run(s.feeds)
+            for t, r in zip(job.spec.outputs, s.references):
+                c = compare(r, np.asarray(got[t.name], np.float32), Tolerance(atol=None, min_topk=None))
+                worst = min(worst, c.min_cosine)
+        return worst
+
+    return score
 
 
 def _gate_one(folder: Path, name: str, entry: GraphEntry, job: GraphJob, variant: str, gates: bool,
-              tol: Tolerance, batch_sizes: Sequence[int], seed: int | None) -> dict[str, Any]:
-    """Build, check and gate one (graph, variant); a build or checker error is a failed row, not an exception."""
+              tol: Tolerance, batch_sizes: Sequence[int], seed: int | None,
+              cal: dict[str, Any] | None = None, calibration: Any = None) -> dict[str, Any]:
+    """Build, check and gate one (graph, variant); a build or checker error is a failed row, not an exception.
+    ``cal``: the calibrated variants' inputs for this graph (:func:`_calibration_for`)."""
     fname = variant_file(name, variant)
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"graph": name, "variant": variant, "file": fname, "tensorrt": variant not in ORT_CPU_ONLY}
+    row: dict[str, Any] = {"graph": name, "variant": variant, "file": fname,
+                           "tensorrt": variant not in ORT_CPU_ONLY and variant not in CALIBRATED}
+    if cal is not None:
+        row["calibration"] = cal["record"]
     try:
-        row.update(_build(variant, folder / entry.file, folder / fname))
-        check_onnx(folder / fname)  # contrib-op domains are skipped by the checker, the rest is checked
+        score = _score(job, cal["calibrate"]) if variant in OPENVINO_IR and cal and cal["held"] is not None else None
+        row.update(_build(variant, folder / entry.file, folder / fname, cal["calibrate"] if cal else None,
+                          calibration, score))
+        if variant in OPENVINO_IR:
+            row["checker"] = "n/a (OpenVINO IR)"
+        else:
+            check_onnx(folder / fname)  # contrib-op domains are skipped by the checker, the rest is checked
+            row["checker"] = "passed"
     except ExportError as exc:
         row.update(passed=False, reason=str(exc).splitlines()[0], seed=None)
     else:
-        row["checker"] = "passed"
         if gates:
-            checks, used_seed, reason = check_variant_parity(job, folder / fname, variant, tol, batch_sizes, seed)
+            held = cal["held"] if cal else None
+            checks, used_seed, reason = check_variant_parity(job, folder / fname, variant, tol, batch_sizes, seed,
+                                                             samples=held)
             pooled = [r for r in checks if r.get("batch") == "all"]
             row.update(passed=not reason, reason=reason, seed=used_seed,
+                       inputs="held-out real" if held is not None else "fresh random",
                        tolerance={"atol": tol.atol, "min_cosine": tol.min_cosine, "min_topk": tol.min_topk,
                                   "k": tol.k},
                        summary=summarize(pooled), checks=checks)
@@ -181,7 +298,7 @@ def gate_line(rows: Sequence[dict[str, Any]], dropped: bool = False) -> str:
         first = r["reason"].split("; ")[0]
         return first + (f", seed {r['seed']}" if r.get("seed") is not None else "")
 
-    flags = " / ".join(CLI_FLAGS[v] for v in bad)
+    flags = " / ".join(dict.fromkeys(CLI_FLAGS[v] for v in bad))
     line = (f"variant gates: passed {', '.join(good) or 'none'}; FAILED "
             + "; ".join(f"{v} ({'; '.join(why(r) for r in failed[v])})" for v in bad))
     if dropped:
@@ -223,6 +340,8 @@ def write_variants(
     seed: int | None = None,
     log: Callable[[str], None] | None = None,
     drop_failed: bool = False,
+    calibration: Any = None,
+    preprocessing: tuple = (None, None, None),
 ) -> list[dict[str, Any]]:
     """Write each requested variant of each graph into ``folder``, gate it, and record it in ``entries``.
 
@@ -235,7 +354,11 @@ def write_variants(
     :class:`fine_infer.export.GateFailure` carrying ``report`` (without ``report``: :class:`ExportError`) is raised
     with :func:`gate_line` (passed, failed with figures, what to rerun) — unless ``drop_failed``: then the failed
     variants' files are deleted from ``folder`` for every graph, their rows are marked ``dropped`` (see
-    :func:`dropped_variants`), ``log`` gets the line, and the export goes on without them."""
+    :func:`dropped_variants`), ``log`` gets the line, and the export goes on without them.
+
+    The calibrated variants (``int8-static``, ``openvino-int8``) need ``calibration``
+    (:class:`~fine_infer.export._calibrate.CalibrationData`) and ``preprocessing`` = (image preprocessing, text
+    preprocessing, tokenizer) of the bundle, through which the data is fed."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
@@ -245,10 +368,21 @@ def write_variants(
     missing = [name for name in entries if name not in by_name]
     if missing:
         raise ConfigError(f"no export job for graph {missing[0]!r}; jobs: {', '.join(by_name)}")
+    if calibration is None and any(v in CALIBRATED for v in variants):
+        raise ConfigError("the calibrated int8 variants (--int8-static) need calibration data (--calibration DATA)")
     rows: list[dict[str, Any]] = []
     for name, entry in entries.items():
+        cal = None
+        if any(v in CALIBRATED for v in variants):
+            if log:
+                log(f"{name}: preparing calibration inputs")
+            cal = _calibration_for(by_name[name], calibration, preprocessing,
+                                   fresh_seed() if seed is None else seed)
         for variant in dict.fromkeys(variants):  # keep order, drop repeats
-            row = _gate_one(folder, name, entry, by_name[name], variant, gates, tolerances[variant], batch_sizes, seed)
+            if log and variant in CALIBRATED:
+                log(f"{name}.{variant}: calibrating")
+            row = _gate_one(folder, name, entry, by_name[name], variant, gates, tolerances[variant], batch_sizes, seed,
+                            cal if variant in CALIBRATED else None, calibration)
             rows.append(row)
             if report is not None:
                 report.graphs.setdefault(name, {}).setdefault("variants", {})[variant] = row
@@ -267,7 +401,8 @@ def write_variants(
     for row in rows:
         if row["variant"] in failed:
             row["dropped"] = True
-            (folder / row["file"]).unlink(missing_ok=True)
+            for f in variant_files(row["graph"], row["variant"]):
+                (folder / f).unlink(missing_ok=True)
         else:
             entries[row["graph"]].variants[row["variant"]] = row["file"]
     if failed and log:

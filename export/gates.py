@@ -40,6 +40,10 @@ DEFAULT_BATCHES = (1, 3, 8)
 VARIANT_TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(atol=None, min_cosine=0.999, min_topk=0.9, k=10),
     "int8": Tolerance(atol=None, min_cosine=0.99, min_topk=0.9, k=10),
+    # calibrated static int8 (export --int8-static), gated on held-out real inputs: ONNX Runtime QDQ and the NNCF
+    # OpenVINO IR (whose CPU path is openvino/int8, hence the "int8" key for its runtime gate)
+    "int8-static": Tolerance(atol=None, min_cosine=0.99, min_topk=0.9, k=10),
+    "openvino-int8": Tolerance(atol=None, min_cosine=0.99, min_topk=0.9, k=10),
     "cpu-opt": Tolerance(atol=1e-4, min_topk=0.9, k=10),
     "bf16": Tolerance(atol=None, min_cosine=0.999, min_topk=0.9, k=10),  # OpenVINO's bf16 inference precision
 }

@@ -27,6 +27,52 @@ def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+CALIBRATION_SEED = 17  # the catalogue draw zoo models calibrate on (the recall gate evaluates seed 0's held-out split)
+
+
+def calibration_data(args: argparse.Namespace):
+    """``--int8-static``'s calibration data: ``--calibration DATA`` (a folder of images, a .txt of texts, a .jsonl of
+    {"text", "image"} lines, read as ``fine-infer index`` reads them), else for a zoo arch the generated catalogue
+    (images and their captions); None without ``--int8-static``."""
+    if not args.int8_static:
+        if args.calibration:
+            raise ConfigError("--calibration is the data of --int8-static; add --int8-static")
+        return None
+    from fine_infer.export._calibrate import DEFAULT_HELD_OUT, CalibrationData
+
+    size, held = args.calibration_size, DEFAULT_HELD_OUT
+    extra = dict(size=size, held_out=held, subset_size=args.calibration_size,
+                 smooth_quant=args.smooth_quant)
+    if args.calibration:
+        from fine_infer.cli._catalogue_input import first_bad, kind_of, read_images, read_jsonl, read_txt
+
+        src = Path(args.calibration)
+        kind = kind_of(src)
+        if kind == "images":
+            cat = read_images(src, 0)
+        elif kind == "txt":
+            cat = read_txt(src, 0)
+        else:
+            first = next((json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()
+                          if line.strip()), {})
+            first = first if isinstance(first, dict) else {}
+            wants = "both" if {"text", "image"} <= set(first) else ("image" if "image" in first else "text")
+            cat = read_jsonl(src, 0, wants, set())
+        if cat.bad:
+            raise first_bad(cat.bad)
+        images = [i.image for i in cat.items if i.image is not None]
+        texts = [i.text for i in cat.items if i.text is not None]
+        return CalibrationData(images, texts, source=f"{src} ({len(cat.items)} items)", **extra)
+    if not args.arch:
+        raise ConfigError("--int8-static calibrates on real inputs: give --calibration DATA (a folder of images, a "
+                          ".txt of texts or a .jsonl) for --module and --hf")
+    from fine_infer.tools.catalogue import generate
+
+    items = generate(size + held, seed=CALIBRATION_SEED)
+    return CalibrationData([i.image for i in items], [i.caption for i in items],
+                           source=f"generated catalogue, seed {CALIBRATION_SEED}", **extra)
+
+
 RANDOM_WEIGHTS = ("the bundle holds random weights: its embeddings and every recall figure are chance-level until "
                   "it is exported with real ones")
 
@@ -49,6 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one of --arch (a zoo arch), --module (pkg.mod:factory) or --hf (a local "
                           "Hugging Face folder)")
     variants = [*(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []),
+                *(["int8-static", "openvino-int8"] if args.int8_static else []),
                 *(["cpu-opt"] if args.optimize == "cpu" else [])]
     module_only = [flag for flag, value in (
         ("--task", args.task), ("--input-names", args.input_names), ("--tokenizer", args.tokenizer),
@@ -66,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.triton_repo and Path(args.triton_repo).resolve() == Path(args.out).resolve():
         raise ConfigError("--triton-repo must be a folder other than --out")
     common = dict(opset=args.opset, exporter=args.exporter, atol=args.atol, force=args.force, variants=variants,
-                  lint=args.lint, drop_failed_variants=args.drop_failed_variants)
+                  lint=args.lint, drop_failed_variants=args.drop_failed_variants, calibration=calibration_data(args))
     signing = contextlib.ExitStack()
     # A step line on stderr as the export goes (it takes tens of seconds to minutes): on a terminal, or when asked;
     # logs and pipes that read stderr for the one-line error get just that.
@@ -237,6 +284,17 @@ def register(add: AddCommand) -> None:
     dep = e.add_argument_group("deployment variants (each written beside the fp32 graph behind its own gate)")
     dep.add_argument("--fp16", action="store_true", help="fp16 graph for GPUs/TensorRT (gate: cosine ≥ 0.999)")
     dep.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 graph (gate: cosine ≥ 0.99)")
+    dep.add_argument("--int8-static", action="store_true",
+                     help="calibrated static int8 for CPUs: an ONNX Runtime QDQ graph and an OpenVINO int8 IR (NNCF; "
+                          "the openvino extra), each gated on held-out real inputs (cosine ≥ 0.99, top-10 ≥ 0.9)")
+    dep.add_argument("--calibration", metavar="DATA",
+                     help="with --int8-static: real inputs to calibrate on, a folder of images, a .txt of texts or a "
+                          ".jsonl of {\"text\", \"image\"} lines (default for zoo archs: the generated catalogue)")
+    dep.add_argument("--calibration-size", type=int, default=64, metavar="N",
+                     help="with --int8-static: calibration samples (default 64; 16 more are held out for the gate)")
+    dep.add_argument("--smooth-quant", choices=["auto", "on", "off"], default="auto",
+                     help="with --int8-static: NNCF SmoothQuant for graphs with attention (auto: try both, keep the "
+                          "one closer to fp32 on the calibration inputs)")
     dep.add_argument("--optimize", choices=["cpu"], help="cpu: ONNX Runtime transformer fusions (gate: 1e-4)")
     dep.add_argument("--lint", action="store_true", help="gate on TensorRT's ONNX operator support (fp32 and fp16)")
     dep.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository")

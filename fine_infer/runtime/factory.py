@@ -9,7 +9,7 @@ from fine_infer.bundle import Bundle
 from fine_infer.bundle.variants import ort_session_kwargs, resolve_variant
 from fine_infer.errors import ConfigError
 from fine_infer.runtime.base import Runner
-from fine_infer.runtime.paths import ExecPath
+from fine_infer.runtime.paths import ExecPath, bundle_variant
 
 
 def make_runner(
@@ -32,8 +32,8 @@ def make_runner(
     if path.backend == "openvino":
         from fine_infer.runtime.openvino_runner import OpenVINORunner, variant_precision
 
-        return OpenVINORunner(entry.spec, bundle.file(entry.file), variant_precision(path.variant), hint or "latency",
-                              threads)
+        return OpenVINORunner(entry.spec, resolve_variant(bundle, entry, bundle_variant(path), "openvino"),
+                              variant_precision(path.variant), hint or "latency", threads)
     if path.backend == "tensorrt":
         from fine_infer.runtime.tensorrt_runner import TensorRTRunner
 

@@ -1,4 +1,5 @@
-"""OpenVINO backend (CPU): runs the bundle's portable fp32 ONNX graph directly, in f32 or bf16.
+"""OpenVINO backend (CPU): runs the bundle's portable fp32 ONNX graph directly, in f32 or bf16, or the NNCF-calibrated
+int8 IR an export wrote (``export --int8-static``: ``<graph>.openvino-int8.xml`` and its ``.bin``).
 
 Imports no torch, and ``openvino`` only when a runner is created (the ``openvino`` extra), so a CPU edge box can run
 bundles with ``pip install 'fine-infer[openvino]'`` and no PyTorch.
@@ -7,6 +8,10 @@ bundles with ``pip install 'fine-infer[openvino]'`` and no PyTorch.
   bf16 on CPUs that have it (AVX-512 BF16, AMX), so ``f32`` is always set explicitly: the fp32 variant really is fp32.
   bf16 needs ``BF16`` in the device's ``OPTIMIZATION_CAPABILITIES``; :func:`precision_unsupported` says why not
   otherwise (callers that enumerate CPU paths skip it with that reason; an explicit request raises it).
+- **int8**: the int8 IR, with the ops NNCF left in float (and the graph's quantise/dequantise arithmetic) at f32
+  inference precision, so the path's precision does not depend on whether the CPU has bf16. Needs ``INT8`` in
+  ``OPTIMIZATION_CAPABILITIES`` (every x86 CPU OpenVINO supports reports it; without VNNI/AMX the int8 kernels gain
+  little: see benchmarks/RESULTS.md).
 - **Performance hint** (``PERFORMANCE_HINT``): ``latency`` (one stream over every core: the fastest single call) or
   ``throughput`` (several streams: more items/s when several callers run at once).
 
@@ -29,11 +34,11 @@ from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError
 from fine_infer.runtime.base import Runner
 from fine_infer.specs import GraphSpec
 
-# Session variant name -> OpenVINO inference precision. The OpenVINO backend reads the portable fp32 graph; its
-# variants are precisions, not files.
-VARIANT_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-# OpenVINO inference precision -> the OPTIMIZATION_CAPABILITIES entry a device needs for it.
-PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16"}
+# Session variant name -> OpenVINO precision. fp32 and bf16 run the portable fp32 graph at that inference precision;
+# int8 runs the bundle's int8 IR (its float ops at f32).
+VARIANT_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "int8"}
+# OpenVINO precision -> the OPTIMIZATION_CAPABILITIES entry a device needs for it.
+PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "int8": "INT8"}
 HINTS = ("latency", "throughput")
 DEVICE = "CPU"
 
@@ -74,18 +79,21 @@ def precision_unsupported(precision: str, capabilities: Iterable[str] | None = N
     need = PRECISION_CAPABILITY[precision]
     if need in caps:
         return ""
+    example = "e.g. AVX-512 BF16 or AMX" if precision == "bf16" else "an x86 CPU OpenVINO supports"
     return (f"this {device} cannot run {precision} (OpenVINO reports OPTIMIZATION_CAPABILITIES "
-            f"{', '.join(sorted(caps)) or 'none'}; {precision} needs {need}, e.g. AVX-512 BF16 or AMX); use f32")
+            f"{', '.join(sorted(caps)) or 'none'}; {precision} needs {need}, {example}); use f32")
 
 
 def variant_precision(variant: str | None) -> str:
-    """The OpenVINO precision of a session variant (``None``/``fp32`` → ``f32``, ``bf16`` → ``bf16``)."""
+    """The OpenVINO precision of a session variant (``None``/``fp32`` → ``f32``, ``bf16`` → ``bf16``, ``int8`` →
+    ``int8``: the bundle's int8 IR)."""
     v = variant or "fp32"
     if v not in VARIANT_PRECISION:
         raise ConfigError(
             f"the openvino backend runs the portable fp32 graph as variant 'fp32' or 'bf16' (its inference "
-            f"precision), not {v!r}" + ("; int8 and cpu-opt are ONNX Runtime graphs: use backend='onnxruntime'"
-                                        if v in ("int8", "cpu-opt") else "")
+            f"precision) or the int8 IR as 'int8', not {v!r}"
+            + ("; int8-static and cpu-opt are ONNX Runtime graphs: use backend='onnxruntime'"
+               if v in ("int8-static", "cpu-opt") else "")
         )
     return VARIANT_PRECISION[v]
 
@@ -96,7 +104,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 class OpenVINORunner(Runner):
-    """Runs one ONNX file with OpenVINO on the CPU at ``precision`` (``f32``/``bf16``) under ``hint``.
+    """Runs one ONNX file or OpenVINO IR with OpenVINO on the CPU at ``precision`` (``f32``/``bf16``; ``int8``: an
+    int8 IR whose float ops run at f32) under ``hint``.
 
     ``threads`` caps ``INFERENCE_NUM_THREADS`` (default: OpenVINO's, one per core). ``capabilities`` overrides the
     device's reported ``OPTIMIZATION_CAPABILITIES`` for the precision check. ``provider`` reports what the compiled
@@ -153,12 +162,14 @@ class OpenVINORunner(Runner):
 
     @property
     def provider(self) -> str:
-        """``OpenVINO-CPU-bf16``: the execution devices and inference precision the compiled model reports."""
+        """``OpenVINO-CPU-bf16``: the execution devices and inference precision the compiled model reports
+        (``OpenVINO-CPU-f32-int8`` for the int8 IR)."""
         import openvino.properties as props
         import openvino.properties.hint as hints
 
         devices = "+".join(self.compiled.get_property(props.execution_devices()))
-        return f"OpenVINO-{devices}-{self.compiled.get_property(hints.inference_precision()).get_type_name()}"
+        precision = self.compiled.get_property(hints.inference_precision()).get_type_name()
+        return f"OpenVINO-{devices}-{precision}" + ("-int8" if self.precision == "int8" else "")
 
     def info(self) -> dict[str, Any]:
         """The compiled model's settings: precision, hint, streams, threads, infer requests, devices."""

@@ -11,6 +11,12 @@ from fine_infer.errors import ConfigError
 from fine_infer.tools.evaluate import DEFAULT_N, DEFAULT_SEED, HEADLINE, evaluate_bundle, evaluate_model
 
 
+# bundle variant -> (backend, session variant) it runs as; the rest run on ONNX Runtime under their own name
+RUNS_AS = {"openvino-int8": ("openvino", "int8")}
+# the variants the recall gate evaluates (the calibrated int8 ones too: export --int8-static)
+GATED = ("fp32", "fp16", "int8-static", "openvino-int8")
+
+
 @dataclass
 class RecallGate:
     """Outcome of :func:`recall_gate`: the reference and each variant's headline metric, in points (× 100)."""
@@ -34,8 +40,9 @@ def recall_gate(
     got: dict[str, float] = {}
     reason = ""
     for v in variants:
+        backend, variant = RUNS_AS.get(v, ("onnxruntime", v))
         try:
-            got[v] = 100.0 * evaluate_bundle(bundle, backend="onnxruntime", variant=v, n=n, seed=seed).headline
+            got[v] = 100.0 * evaluate_bundle(bundle, backend=backend, variant=variant, n=n, seed=seed).headline
         except Exception as exc:  # noqa: BLE001 - a variant that cannot run fails the gate with its reason
             reason = reason or f"{v}: {type(exc).__name__}: {exc}"
     r = 100.0 * ref.headline
@@ -47,7 +54,7 @@ def recall_gate(
 
 class RecallCheck:
     """The export recall gate as a check on the sealed bundle (:class:`fine_infer.export.SealedCheck`): its fp32 (and
-    fp16, when written) graphs' headline metric on the catalogue's held-out split must be within
+    fp16 and the calibrated int8 variants, when written) graphs' headline metric on the catalogue's held-out split must be within
     ``tolerance_points`` points of the PyTorch model's. ``export_arch(..., checks=[RecallCheck()])``."""
 
     name = "recall"
@@ -70,7 +77,7 @@ class RecallCheck:
         if missing:
             raise ConfigError(f"the recall gate runs {model.arch}'s retrieval protocol, which needs the graph(s) "
                               f"{', '.join(missing)}: export every graph, or pass --no-recall-gate")
-        gate = recall_gate(model, bundle, [v for v in variants if v in ("fp32", "fp16")], self.tolerance_points)
+        gate = recall_gate(model, bundle, [v for v in variants if v in GATED], self.tolerance_points)
         line = (f"recall gate {gate.metric}: PyTorch {gate.reference:.2f}, "
                 + ", ".join(f"{v} {x:.2f}" for v, x in gate.variants.items())
                 + f" (within {self.tolerance_points} points: {'pass' if gate.passed else 'FAIL'})")
