@@ -184,7 +184,7 @@ def quantize_static_ort(src: str | Path, dst: str | Path, samples: Sequence[dict
     for n in onnx.load(os.fspath(dst)).graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"qdq_nodes": counts, "ops": list(op_types), "calibration": "MinMax", "samples": len(samples)}
+    return {"qdq_nodes": counts, "ops": list(op_types), "ranges": "MinMax"}
 
 
 def require_nncf():

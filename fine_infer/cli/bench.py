@@ -43,6 +43,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     batch_sizes=args.batch_sizes or bench.DEFAULT_BATCHES, graphs=args.graphs,
                                     budget=budget, threads=args.threads, progress=progress)
     print(bench.format_table(result))
+    warning = bench.pick_warning(result) if result.get("mode") == "runtime" else ""
+    if warning:
+        import sys
+
+        print(f"fine-infer bench: warning: {warning}", file=sys.stderr)
     if args.json:
         bench.save_json(result, args.json)
         print(f"wrote {args.json}")

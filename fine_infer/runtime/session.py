@@ -73,6 +73,13 @@ class Session:
             why = precision_unsupported(variant_precision(self.variant))
             if why:
                 raise BackendUnavailableError(why)
+            from fine_infer.bundle.variants import variant_file
+            from fine_infer.runtime.paths import bundle_variant
+
+            key = bundle_variant(ExecPath("openvino", self.variant))
+            if key is not None:  # a model file of its own (the int8 IR): every graph must have it, said at load
+                for entry in self.manifest.graphs.values():
+                    variant_file(entry, key, "openvino")
         elif self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
             from fine_infer.bundle.variants import variant_file
 

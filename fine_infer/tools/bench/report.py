@@ -41,6 +41,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pick_warning(result: dict[str, Any], margin: float | None = None) -> str:
+    """One line when the path ``backend="auto"`` runs (the stored tune pick) is not the fastest gated CPU path this
+    bench measured (by more than ``margin``, default the tune rule's :data:`~fine_infer.runtime.choice.MIN_SPEEDUP`;
+    speed: the geometric mean over graph × batch of ONNX Runtime fp32's p50 over the path's), else "". Only paths
+    whose gate passed count (auto never picks another)."""
+    import math
+
+    from fine_infer.runtime.choice import MIN_SPEEDUP
+    from fine_infer.runtime.paths import BASELINE, CPU_PATHS
+
+    margin = MIN_SPEEDUP if margin is None else margin
+    auto = (result.get("auto") or {}).get("label")
+    cpu = {p.label for p in CPU_PATHS}
+    if not auto or auto not in cpu:
+        return ""
+    base = {(r["graph"], r["batch"]): r["p50_ms"] for r in result.get("rows", []) if r["backend"] == BASELINE.label}
+    speed: dict[str, float] = {}
+    for label in cpu:
+        rows = [r for r in result.get("rows", []) if r["backend"] == label and (r["graph"], r["batch"]) in base
+                and (label == auto or r.get("gate") == "passed")]
+        if base and len(rows) == len(base):
+            speed[label] = math.exp(sum(math.log(base[(r["graph"], r["batch"])] / r["p50_ms"]) for r in rows)
+                                    / len(rows))
+    if auto not in speed or not speed:
+        return ""
+    best = max(speed, key=speed.get)
+    if best == auto or speed[best] < margin * speed[auto]:
+        return ""
+    return (f"the stored pick {auto} ({speed[auto]:.2f}× ONNX Runtime fp32 here now) is not the fastest gated path "
+            f"measured now: {best} {speed[best]:.2f}×; run `fine-infer tune {result.get('bundle', 'BUNDLE')}` again "
+            "(on a quiet box)")
+
+
 def save_json(result: dict[str, Any], path: str | Path) -> None:
     """Write a result as indented JSON."""
     Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
