@@ -205,8 +205,8 @@ def decide(ranked: dict[str, dict[str, Any]], eligible: Callable[[ExecPath], str
     path = ExecPath.parse(keep, CPU_PATHS)
     others = ", ".join(f"{k} {med[k]:.2f}×" for k in tied)
     return Choice(path.backend, path.variant,
-                  f"inside the noise: {others} ONNX Runtime fp32 tie (fastest over the next: "
-                  f"{_fmt_margin(rounds[w], rounds[tied[1]])}); {how}, {keep}" + extra, med[keep], "tie")
+                  f"{len(tied)} gated paths tie inside the noise ({others} ONNX Runtime fp32; the fastest is "
+                  f"{_fmt_margin(rounds[w], rounds[tied[1]])} the next); {how}: {keep}" + extra, med[keep], "tie")
 
 
 def eligibility(manifest: Manifest, capabilities: Iterable[str] | None) -> Callable[[ExecPath], str]:
