@@ -150,7 +150,9 @@ def test_throughput_hint_threads_and_concurrent_callers(tiny):
 
 def test_bad_options_and_feeds_are_clear_errors(tiny):
     out, model = tiny["fashion-fine"]
-    with pytest.raises(ConfigError, match="int8 and cpu-opt are ONNX Runtime graphs"):
+    with pytest.raises(ConfigError, match="int8-static and cpu-opt are ONNX Runtime graphs"):
+        fine_infer.load(out, backend="openvino", variant="cpu-opt")
+    with pytest.raises(BundleError, match="no OpenVINO int8 model.*--int8-static"):  # said at load, not first run
         fine_infer.load(out, backend="openvino", variant="int8")
     for backend in ("onnxruntime", "auto"):  # auto with a variant runs ONNX Runtime, which has no bf16 variant
         with pytest.raises(BundleError, match="no variant 'bf16'.*load with backend='openvino'"):
