@@ -143,7 +143,8 @@ def export_model(
 
     Every graph is exported, checked with ``onnx.checker`` and compared with PyTorch at ``batch_sizes``; a
     failing gate raises :class:`GateFailure` (an :class:`ExportError`) and nothing is written. ``variants``
-    (``fp16``, ``int8``, ``cpu-opt``) are written beside each graph behind their own gates; ``lint`` checks the
+    (``fp16``, ``int8``, ``cpu-opt``; ``int8-static`` and ``openvino-int8`` with ``calibration``) are written beside
+    each graph behind their own gates; ``lint`` checks the
     TensorRT-bound graphs against TensorRT's ONNX operator support; every variant is gated before a failure fails the
     export, and ``drop_failed_variants`` keeps the bundle without the failed ones instead (recorded in the manifest's
     ``validation.dropped_variants``). ``checks`` run on the sealed bundle before it is
