@@ -291,7 +291,7 @@ def register(add: AddCommand) -> None:
                      help="with --int8-static: real inputs to calibrate on, a folder of images, a .txt of texts or a "
                           ".jsonl of {\"text\", \"image\"} lines (default for zoo archs: the generated catalogue)")
     dep.add_argument("--calibration-size", type=int, default=64, metavar="N",
-                     help="with --int8-static: calibration samples (default 64; 16 more are held out for the gate)")
+                     help="with --int8-static: calibration samples (16 more are held out for the gate)")
     dep.add_argument("--smooth-quant", choices=["auto", "on", "off"], default="auto",
                      help="with --int8-static: NNCF SmoothQuant for graphs with attention (auto: try both, keep the "
                           "one closer to fp32 on the calibration inputs)")
