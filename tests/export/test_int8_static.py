@@ -8,7 +8,6 @@ Tolerances: the gates' own (min cosine ≥ 0.99 and top-10 agreement ≥ 0.9 per
 fast; the run-time check uses 24 other items (catalogue seed 99) against ONNX Runtime fp32 with the same thresholds.
 SmoothQuant is fixed on (``smooth_quant="on"``: one NNCF pass a graph instead of two)."""
 
-import numpy as np
 import pytest
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'fine-infer[openvino]'")

@@ -4,7 +4,6 @@ weights) calibrated on the generated catalogue. Both calibrated variants must pa
 top-10 agreement ≥ 0.9 on held-out inputs) and run through ``fine_infer.load`` agreeing with fp32 (min cosine ≥ 0.99
 on fresh inputs)."""
 
-import os
 import sys
 from pathlib import Path
 
