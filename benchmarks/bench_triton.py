@@ -10,7 +10,8 @@ once (an idle server costs nothing), loaded one after another in a rotating orde
 keep-alive HTTP clients for ``--seconds`` (the load generator of ``fine-infer bench``,
 :func:`fine_infer.tools.bench.load_test`), sending one query text per request:
 
-- ``serve``: ``fine-infer serve BUNDLE`` (calibrated batching): ``POST /v1/embed {"texts": [...]}``;
+- ``serve``: ``fine-infer serve BUNDLE`` (calibrated batching; ``--serve-workers N`` adds ``--workers N``, the fair
+  match for Triton's several stub processes): ``POST /v1/embed {"texts": [...]}``;
 - ``triton raw``: the repository ``fine-infer triton-repo --backend python`` writes, its ensemble
   ``fashion_fine_text_raw`` (raw text BYTES → Python preprocessing → Python graph model on ONNX Runtime);
 - ``triton graph``: that repository's graph model alone, ``fashion_fine_text``, sent the query's ``input_ids`` and
@@ -86,9 +87,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graph_body, graph_headers = bench.kserve_request({"input_ids": ids, "attention_mask": mask})
     raw_body, raw_headers = bench.kserve_request({"text": [bench.QUERY_TEXT]})
     result: dict[str, Any] = {"machine": machine(), "clients": args.clients, "seconds": args.seconds,
-                              "rounds": [], "repository": {"backend": "python", "instances": args.instances,
-                                                           "preprocess_instances": args.preprocess_instances}}
-    with TritonServer([repo]) as triton, Server(bundle, None) as serve:
+                              "serve_workers": args.serve_workers, "rounds": [],
+                              "repository": {"backend": "python", "instances": args.instances,
+                                             "preprocess_instances": args.preprocess_instances}}
+    workers = ["--workers", str(args.serve_workers)] if args.serve_workers > 1 else []
+    with TritonServer([repo]) as triton, Server(bundle, None, workers) as serve:
         triton.wait_ready(300)
         serve.wait_ready(300)
         result["triton"] = bench.triton_payloads(triton.http_url)[0]  # its name, version and extensions
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = {"order": list(order), "load_before": os.getloadavg()[0]}
             for side in order:
                 url, path, body, headers = sides[side]
-                cpu = (lambda: cpu_seconds(pid=serve.proc.pid)) if side == "serve" else (
+                cpu = (lambda: cpu_seconds(pgid=serve.proc.pid)) if side == "serve" else (
                     lambda: cpu_seconds(pgid=triton.proc.pid))
                 c0, own0, busy0, t0 = cpu(), cpu_seconds(pid=os.getpid()), busy_seconds(), time.perf_counter()
                 row[side] = bench.load_test(url, path, body, args.clients, requests=10**9, max_time_s=args.seconds,
@@ -153,6 +156,8 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (default %(default)s)")
     p.add_argument("--instances", type=int, default=1, help="instances of the Triton graph model")
     p.add_argument("--preprocess-instances", type=int, default=1, help="instances of the Triton preprocessing model")
+    p.add_argument("--serve-workers", type=int, default=1,
+                   help="fine-infer serve --workers (server processes sharing the port; default %(default)s)")
     p.add_argument("--work", help="folder for the bundle and the repository (default: a temp folder)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()

@@ -200,7 +200,8 @@ class Server:
         cmd = [sys.executable, "-m", "fine_infer.cli", "serve", str(bundle), "--port", str(self.port),
                "--log-level", "warning", *(["--index", str(index)] if index else []), *extra]
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
+        # its own process group: the CPU time of every process of the server (``--workers``) can be read by group
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
         self.exit_status: int | None = None
 
     def wait_ready(self, timeout: float = 120.0) -> None:
