@@ -4,6 +4,7 @@ checks. Every instruction set this CPU runs is exercised (the dispatch picks one
 import numpy as np
 import pytest
 from conftest import recall, unit
+from ranking_checks import same_ids_ties_aside
 
 from fine_infer.errors import ConfigError, InputError
 from fine_infer.index import MAX_K, Index
@@ -21,16 +22,6 @@ def isa(request):
     native.set_isa(before)
 
 
-def _same_ids_ties_aside(ids, ref_scores, ref_ids, scores, tol=1e-5):
-    """Ids equal the reference's, except where the reference's scores tie within float32 rounding."""
-    for row in range(len(ids)):
-        for r in range(ids.shape[1]):
-            if ids[row, r] == ref_ids[row, r]:
-                continue
-            # A swap is acceptable only between (near-)equal reference scores.
-            assert abs(scores[row, r] - ref_scores[row, r]) <= tol, (row, r, ids[row, r], ref_ids[row, r])
-
-
 @pytest.mark.parametrize("k", [1, 10, 100])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_float32_matches_faiss_and_reference(isa, k, batch):
@@ -46,9 +37,9 @@ def test_float32_matches_faiss_and_reference(isa, k, batch):
     ref = faiss.IndexFlatIP(dim)
     ref.add(g)
     fs, fi = ref.search(q, k)
-    _same_ids_ties_aside(found, fs, ids[fi], scores)
+    same_ids_ties_aside(found, fs, ids[fi], scores)
     rs, ri = reference_search(q, g, k)
-    _same_ids_ties_aside(found, rs, ids[ri], scores)
+    same_ids_ties_aside(found, rs, ids[ri], scores)
     np.testing.assert_allclose(scores, rs, atol=2e-6)
     assert (np.diff(scores, axis=1) <= 0).all()  # best first
 
@@ -61,7 +52,7 @@ def test_odd_dims_and_sizes(isa, dim):
         index.add(g, np.arange(n))
         scores, ids = index.search(q, 5)
         rs, ri = reference_search(q, g, 5)
-        _same_ids_ties_aside(ids, rs, ri, scores)
+        same_ids_ties_aside(ids, rs, ri, scores)
         np.testing.assert_allclose(scores[ids >= 0], rs[ri >= 0], atol=1e-5)
 
 
@@ -71,7 +62,7 @@ def test_many_queries_split_across_threads(isa):
     index.add(g, np.arange(3000))
     scores, ids = index.search(q, 10)
     rs, ri = reference_search(q, g, 10)
-    _same_ids_ties_aside(ids, rs, ri, scores)
+    same_ids_ties_aside(ids, rs, ri, scores)
 
 
 def test_padding_with_minus_one_when_fewer_than_k():
@@ -207,5 +198,5 @@ def test_exact_rescoring_widens_its_candidates_until_proven():
     s1, i1 = exact.search(q, 10)
     s2, i2 = index.search(q, 10)
     assert len(scans) > 1 and scans[-1] == 3000, scans  # it did widen, up to the whole gallery
-    _same_ids_ties_aside(i2, s1, i1, s2, tol=1e-6)  # the two fp32 paths sum in different orders
+    same_ids_ties_aside(i2, s1, i1, s2, tol=1e-6)  # the two fp32 paths sum in different orders
     np.testing.assert_allclose(s1, s2, atol=1e-6)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fine_infer
+from ranking_checks import same_ids_ties_aside
 from serve_helpers import DEADLINE_S, TEST_BATCHING, export_zoo, run_concurrently
 
 from fine_infer.index import Index
@@ -132,6 +133,10 @@ def test_32_clients_searching_by_text_get_the_direct_answers(text_server, galler
         assert r.status_code == 200, r.text
         scores, ids = gallery.search(session.embed_texts([text]), k)
         hits = r.json()["hits"]
-        assert [h["id"] for h in hits] == [int(i) for i in ids[0]]
-        np.testing.assert_allclose([h["score"] for h in hits], scores[0], atol=1e-5)
-        assert [h["metadata"] for h in hits] == [gallery.get_metadata(int(i)) for i in ids[0]]
+        got_ids = np.array([h["id"] for h in hits])
+        got_scores = np.array([h["score"] for h in hits])
+        # The server embeds the text in a padded batch with others, alone here: scores agree to 1e-5, and two
+        # gallery items whose scores tie that closely may come in either order.
+        np.testing.assert_allclose(got_scores, scores[0], atol=1e-5)
+        same_ids_ties_aside(got_ids, scores[0], ids[0], got_scores)
+        assert [h["metadata"] for h in hits] == [gallery.get_metadata(int(i)) for i in got_ids]

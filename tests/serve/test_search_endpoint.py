@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import fine_infer
+from ranking_checks import same_ids_ties_aside
 from serve_helpers import DEADLINE_S, TEST_BATCHING, b64, png, run_concurrently
 
 from fine_infer.index import Index
@@ -44,8 +45,10 @@ def test_search_by_image_and_by_image_plus_text(search_server, gallery, maaf_ses
         q = maaf_session.compose([img], [text]) if text else maaf_session.embed_images([img])
         scores, ids = index.search(q, body["k"])
         hits = r.json()["hits"]
-        assert [h["id"] for h in hits] == [int(i) for i in ids[0]]
-        np.testing.assert_allclose([h["score"] for h in hits], scores[0], atol=1e-5)
+        got_scores = np.array([h["score"] for h in hits])
+        np.testing.assert_allclose(got_scores, scores[0], atol=1e-5)
+        # Served queries are embedded in batches with others: near-tied hits (within 1e-5) may swap.
+        same_ids_ties_aside(np.array([h["id"] for h in hits]), scores[0], ids[0], got_scores)
         assert all(h["metadata"] == index.get_metadata(h["id"]) for h in hits)
         if text is None:
             assert hits[0]["metadata"]["name"] == f"item-{imgs.index(img)}"  # an image finds itself first
