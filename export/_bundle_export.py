@@ -195,11 +195,17 @@ def export_model(
 
 
 def _run_checks(checks: Sequence[SealedCheck], model, writer: BundleWriter, manifest: Manifest, report: ExportReport,
-                variants: Sequence[str]) -> None:
-    """Run ``checks`` on the sealed (complete, not yet committed) bundle; record each in the report and manifest."""
+                variants: Sequence[str], drop_failed: bool = False) -> None:
+    """Run ``checks`` on the sealed (complete, not yet committed) bundle; record each in the report and manifest.
+
+    A failed check fails the export, unless ``drop_failed`` and the check names only variants other than fp32 in its
+    ``failed_variants``: those are then removed from the bundle (files, manifest entries) and recorded as dropped,
+    as a failed variant gate is, and the check's result is kept with ``dropped`` listing them."""
     if not checks:
         return
     sealed = writer.seal(manifest)
+    rehash = False
+    variants = list(variants)
     for check in checks:
         say(f"{check.name} gate on the finished bundle")
         result = check(model, sealed.path, ["fp32", *variants])
@@ -207,11 +213,45 @@ def _run_checks(checks: Sequence[SealedCheck], model, writer: BundleWriter, mani
             continue
         report.checks[check.name] = result
         manifest.validation[check.name] = result
-        if not result.get("passed"):
+        if result.get("passed"):
+            continue
+        reason = f"{check.name} gate failed: {result.get('reason', '')}"
+        failed = [v for v in result.get("failed_variants") or () if v in variants]
+        droppable = bool(failed) and "fp32" not in (result.get("failed_variants") or ())
+        if not (drop_failed and droppable):
             report.passed = False
-            report.reason = f"{check.name} gate failed: {result.get('reason', '')}"
+            report.reason = reason + (f"; nothing was written: rerun with --drop-failed-variants (Python: "
+                                      f"drop_failed_variants=True) to keep the bundle without {', '.join(failed)}"
+                                      if droppable else "")
             raise GateFailure(report.reason, report)
-    writer.seal(manifest, rehash=False)
+        _drop_after_check(writer, manifest, report, failed, reason)
+        variants = [v for v in variants if v not in failed]
+        result["dropped"] = failed
+        result["line"] = f"{result.get('line', check.name)}; dropped {', '.join(failed)}"
+        say("warning: " + reason + f"; wrote the bundle without {', '.join(failed)} (--drop-failed-variants)")
+        sealed, rehash = writer.seal(manifest), True
+    if not rehash:
+        writer.seal(manifest, rehash=False)
+
+
+def _drop_after_check(writer: BundleWriter, manifest: Manifest, report: ExportReport, failed: Sequence[str],
+                      reason: str) -> None:
+    """Remove ``failed`` variants from the sealed bundle after a check on the whole bundle failed them: their files,
+    their manifest entries, and rows marked dropped (why: ``reason``) in the report and ``validation``."""
+    from fine_infer.export._variants import dropped_variants, variant_files
+
+    for name, entry in manifest.graphs.items():
+        for v in failed:
+            if entry.variants.pop(v, None) is None:
+                continue
+            for f in variant_files(name, v):
+                writer.path(f).unlink(missing_ok=True)
+            row = report.graphs.setdefault(name, {}).setdefault("variants", {}).setdefault(v, {"variant": v})
+            row.update(passed=False, dropped=True, reason=reason)
+    manifest.validation["dropped_variants"] = dropped_variants(report.graphs)
+    for name, g in report.graphs.items():
+        if name in manifest.validation.get("graphs", {}):
+            manifest.validation["graphs"][name]["variants"] = g.get("variants", {})
 
 
 def _export_jobs(
@@ -271,7 +311,7 @@ def _export_jobs(
         manifest = Manifest(graphs=entries, files={}, source=source, config=config, text=text, image=image,
                             tokenizer=tokenizer_file, versions={**tool_versions(), **(versions or {})},
                             validation=validation, **more)
-        _run_checks(checks, check_model, writer, manifest, report, variants)
+        _run_checks(checks, check_model, writer, manifest, report, variants, drop_failed_variants)
         report.seconds = time.perf_counter() - t0
         writer.commit(manifest)
     return report

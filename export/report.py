@@ -60,7 +60,11 @@ class GateFailure(ExportError):
 class SealedCheck(Protocol):
     """A gate run on the complete bundle before it is moved into place (the recall gate of
     :class:`fine_infer.tools.recall.RecallCheck` is one). Its result is recorded under :attr:`name` in the report
-    and in ``manifest.validation``; a result whose ``passed`` is False fails the export with its ``reason``."""
+    and in ``manifest.validation``; a result whose ``passed`` is False fails the export with its ``reason``.
+
+    A result may name the variants that failed it (``failed_variants``, a list): with ``drop_failed_variants`` the
+    export then keeps the bundle without them, as it does for a failed variant gate, provided ``fp32`` is not among
+    them (a failed fp32 graph always fails the export)."""
 
     name: str
 

@@ -121,3 +121,42 @@ def test_cli_recall_gate_flags(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "recall" not in json.loads(r.stdout)
     assert "recall" not in read_bundle(out).manifest.validation
+
+
+def test_a_variant_failing_the_recall_gate_is_dropped_only_on_request(tmp_path):
+    """Calibrated int8 passes its cosine gate but may lose recall: the recall gate then fails the export, and with
+    ``drop_failed_variants`` the bundle is written without that variant (fp32 kept), recorded as dropped."""
+    from fine_infer.export import drop_warning
+    from fine_infer.export._calibrate import CalibrationData
+    from fine_infer.tools.catalogue import generate
+
+    import fine_infer
+
+    items = generate(80, seed=17)  # the CLI's calibration draw for zoo archs
+    cal = CalibrationData([i.image for i in items], [i.caption for i in items], source="catalogue seed 17")
+    out = tmp_path / "triplet"
+    kw = dict(pretrained=True, variants=["int8-static"], calibration=cal, force=True)
+    rec = export_arch("triplet", out, "tiny", checks=[RecallCheck(0.5)], **kw).checks["recall"]
+    d_fp32 = abs(rec["variants"]["fp32"] - rec["pytorch"])
+    d_int8 = abs(rec["variants"]["int8-static"] - rec["pytorch"])
+    print("recall figures", rec)
+    if d_int8 <= d_fp32:
+        pytest.skip(f"int8-static recall is as close to PyTorch as fp32 here ({rec}): no tolerance separates them")
+    tol = (d_fp32 + d_int8) / 2  # fp32 inside, int8-static outside
+    before = tree_bytes(out)
+    with pytest.raises(GateFailure, match=r"recall gate failed: int8-static"):
+        export_arch("triplet", out, "tiny", checks=[RecallCheck(tol)], **kw)
+    assert tree_bytes(out) == before  # a failed export leaves the existing bundle as it was
+
+    report = export_arch("triplet", out, "tiny", checks=[RecallCheck(tol)], drop_failed_variants=True, **kw)
+    bundle = read_bundle(out, verify=True)  # hashes match after the files were removed
+    assert all("int8-static" not in e.variants for e in bundle.manifest.graphs.values())
+    assert not list(out.glob("*int8-static*"))
+    assert list(bundle.manifest.validation["dropped_variants"]) == ["int8-static"]
+    assert "recall gate failed" in bundle.manifest.validation["dropped_variants"]["int8-static"][0]
+    assert bundle.manifest.validation["recall"]["dropped"] == ["int8-static"]
+    assert "int8-static" in drop_warning(report.graphs) and "recall gate" in drop_warning(report.graphs)
+    session = fine_infer.load(out, backend="onnxruntime")  # the fp32 graphs still run
+    assert session.embed_images([items[0].image]).shape[0] == 1
+    with pytest.raises(Exception, match="int8-static"):
+        fine_infer.load(out, backend="onnxruntime", variant="int8-static")

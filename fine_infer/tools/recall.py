@@ -27,6 +27,7 @@ class RecallGate:
     tolerance_points: float
     passed: bool
     reason: str = ""
+    failed: tuple[str, ...] = ()  # the variants outside the tolerance or that could not run
 
 
 def recall_gate(
@@ -38,18 +39,22 @@ def recall_gate(
     ref = evaluate_model(model, n=n, seed=seed)
     metric = HEADLINE[ref.arch]
     got: dict[str, float] = {}
-    reason = ""
+    broken: dict[str, str] = {}
     for v in variants:
         backend, variant = RUNS_AS.get(v, ("onnxruntime", v))
         try:
             got[v] = 100.0 * evaluate_bundle(bundle, backend=backend, variant=variant, n=n, seed=seed).headline
         except Exception as exc:  # noqa: BLE001 - a variant that cannot run fails the gate with its reason
-            reason = reason or f"{v}: {type(exc).__name__}: {exc}"
+            broken[v] = f"{v}: {type(exc).__name__}: {exc}"
     r = 100.0 * ref.headline
     bad = [v for v, x in got.items() if abs(x - r) > tolerance_points]
-    if bad and not reason:
-        reason = "; ".join(f"{v} {metric} {got[v]:.2f} vs PyTorch {r:.2f}" for v in bad) + f" (> {tolerance_points} points)"
-    return RecallGate(metric, r, got, tolerance_points, not reason, reason)
+    reasons = list(broken.values())
+    if bad:
+        reasons.append("; ".join(f"{v} {metric} {got[v]:.2f} vs PyTorch {r:.2f}" for v in bad)
+                       + f" (> {tolerance_points} points)")
+    reason = "; ".join(reasons)
+    failed = tuple(v for v in variants if v in broken or v in bad)
+    return RecallGate(metric, r, got, tolerance_points, not reason, reason, failed)
 
 
 class RecallCheck:
@@ -83,7 +88,8 @@ class RecallCheck:
                 + f" (within {self.tolerance_points} points: {'pass' if gate.passed else 'FAIL'})")
         return {"metric": gate.metric, "pytorch": round(gate.reference, 2),
                 "variants": {v: round(x, 2) for v, x in gate.variants.items()},
-                "tolerance_points": self.tolerance_points, "passed": gate.passed, "reason": gate.reason, "line": line}
+                "tolerance_points": self.tolerance_points, "passed": gate.passed, "reason": gate.reason,
+                "failed_variants": list(gate.failed), "line": line}
 
 
 def default_checks(pretrained: bool, recall_gate: bool | None = None,
