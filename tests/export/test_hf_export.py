@@ -89,6 +89,9 @@ def test_minilm_embeds_like_sentence_transformers_at_its_256_tokens(minilm, sent
     texts = sample_texts(rng, 15, session.tokenizer, 256)
     lengths = [session.tokenize([t])[0].shape[1] for t in texts]
     assert max(lengths) > 128 and min(lengths) < 10, lengths
+    from fine_infer.runtime.buckets import plan_buckets
+
+    assert len(plan_buckets(np.array(lengths))) > 1  # the batch runs as length buckets (Session.embed_texts)
     _close(session.embed_texts(texts), sentence_model.encode(texts, normalize_embeddings=True))
     over = sample_texts(rng, 0, session.tokenizer, 256, over=3)
     with pytest.raises(InputError, match="at most 256"):
