@@ -294,7 +294,7 @@ class DynamicBatcher:
             failed: list[Answer] = []
             taken = self._tokenize(spec, taken, failed)
             answer(failed)
-        for group in merging.groups(spec, taken) if taken else []:
+        for group in merging.length_groups(spec, merging.groups(spec, taken)) if taken else []:
             # Each run's callers are answered as soon as it is done: they resubmit while the next run is in the
             # model (which releases the GIL), instead of all waking at once after the last run.
             t0 = time.perf_counter()

@@ -44,6 +44,27 @@ def groups(spec: GraphSpec, reqs: list[Any]) -> list[list[Any]]:
     return list(out.values())
 
 
+def length_groups(spec: GraphSpec, groups_: list[list[Any]]) -> list[list[Any]]:
+    """For a graph whose every input is padded along ``sequence`` (a text encoder): each group split into runs of
+    similar length (:func:`fine_infer.runtime.buckets.plan_buckets`), so short texts are not padded to the batch's
+    longest; other graphs' groups as they are (their fixed-size inputs cost the same whatever the padding)."""
+    pad_inputs = [(t.name, i) for t in spec.inputs for i, d in enumerate(t.shape) if i > 0 and d in PAD_AXES]
+    if not pad_inputs or {n for n, _ in pad_inputs} != {t.name for t in spec.inputs}:
+        return groups_
+    from fine_infer.runtime.buckets import plan_buckets
+
+    out: list[list[Any]] = []
+    for group in groups_:
+        if len(group) < 2:
+            out.append(group)
+            continue
+        name, axis = pad_inputs[0]
+        widths = np.array([r.feeds[name].shape[axis] for r in group])
+        buckets = plan_buckets(widths, np.array([r.rows for r in group]))
+        out.extend([group[int(k)] for k in sorted(b)] for b in buckets)
+    return out
+
+
 def merge(spec: GraphSpec, feeds: Sequence[Feeds], pad_id: int) -> tuple[Feeds, dict[str, list[int]]]:
     """One batch of ``feeds`` (padded where an axis in ``PAD_AXES`` differs), and per padded axis name each
     request's own size along it."""

@@ -27,21 +27,25 @@ def sequence_lengths(mask: np.ndarray) -> np.ndarray:
     return np.where(nonzero.any(axis=1), last, 1).astype(np.int64)
 
 
-def plan_buckets(lengths: np.ndarray, *, min_tokens: int = MIN_TOKENS, call_tokens: int = CALL_TOKENS,
-                 max_rows: int = MAX_ROWS) -> list[np.ndarray]:
-    """Row indices grouped into sub-batches of similar length, cheapest first under the cost model (an exact
-    partition of the rows sorted by length, found by dynamic programming). One bucket holding every row means
-    splitting does not pay."""
+def plan_buckets(lengths: np.ndarray, rows: np.ndarray | None = None, *, min_tokens: int = MIN_TOKENS,
+                 call_tokens: int = CALL_TOKENS, max_rows: int = MAX_ROWS) -> list[np.ndarray]:
+    """Indices of ``lengths`` grouped into sub-batches of similar length: the cheapest split under the cost model
+    of the items sorted longest first, found by dynamic programming. ``rows``: each item's row count (a served
+    request may hold several texts of one width; default one each). One bucket holding every item means splitting
+    does not pay."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")  # longest first: a bucket's first row sets its width
+    order = np.argsort(-lengths, kind="stable")  # longest first: a bucket's first item sets its width
     sorted_len = lengths[order].tolist()
+    weights = [1] * len(order) if rows is None else np.asarray(rows, dtype=np.int64)[order].tolist()
     n = len(sorted_len)
     best = [0] + [0] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         best[j] = -1
-        for i in range(max(0, j - max_rows), j):
-            cost = best[i] + max((j - i) * sorted_len[i], min_tokens) + call_tokens
+        count = 0
+        for i in range(j - 1, max(0, j - max_rows) - 1, -1):  # the bucket order[i:j], grown one item at a time
+            count += weights[i]
+            cost = best[i] + max(count * sorted_len[i], min_tokens) + call_tokens
             if best[j] < 0 or cost < best[j]:
                 best[j], cut[j] = cost, i
     buckets: list[np.ndarray] = []

@@ -122,6 +122,50 @@ def test_a_failed_gate_fails_the_cli_export_in_one_line(siglip, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "b").exists()
 
 
+class _RecordingSession:
+    """The real session, recording the attention masks of the runs the batcher makes."""
+
+    def __init__(self, inner):
+        self.inner, self.masks = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, graph, feeds):
+        self.masks.append(feeds["attention_mask"].copy())
+        return self.inner.run(graph, feeds)
+
+
+def test_served_texts_of_very_different_lengths_run_as_length_buckets(minilm, sentence_model, rng):
+    """The server's batcher splits a batch of text requests by length (short ones are not padded to the longest)
+    and every request still gets what sentence-transformers gives for its texts."""
+    import asyncio
+
+    from fine_infer.batching import BatchSettings, DynamicBatcher
+
+    out, _ = minilm
+    session = fine_infer.load(out)
+    requests = [sample_texts(rng, 1, session.tokenizer, 6) for _ in range(12)]  # short (1 text each)
+    requests += [[t] for t in sample_texts(rng, 12, session.tokenizer, 256) if len(session.tokenize([t])[0][0]) > 100]
+    requests += [sample_texts(rng, 2, session.tokenizer, 6)]  # a request of two texts
+    seen = []
+
+    async def main(b):
+        return await asyncio.wait_for(asyncio.gather(*(b.run_async("text", {}, texts=t) for t in requests)), 120)
+
+    settings = BatchSettings(max_batch_size=64, max_delay_ms=300, adaptive_delay=False)
+    recording = _RecordingSession(session)
+    with DynamicBatcher(recording, settings, on_batch=lambda g, rows, n, sec: seen.append((rows, n))) as b:
+        outs = asyncio.run(main(b))
+    runs = [np.asarray(m).sum(axis=1) for m in recording.masks]
+    print("runs (rows, requests):", seen, "token lengths per run:", [r.tolist() for r in runs])
+    assert sum(n for _, n in seen) == len(requests)
+    assert any(len(r) > 1 and r.max() <= 16 for r in runs), "the short texts never shared a run"
+    assert not any(r.min() <= 16 and r.max() > 100 for r in runs), "a short text was padded to a long one's length"
+    for texts, o in zip(requests, outs):
+        _close(o["embedding"], sentence_model.encode(texts, normalize_embeddings=True))
+
+
 def test_minilm_bundle_works_from_the_cli(minilm):
     out, _ = minilm
     r = _cli("embed", str(out), "--text", "a red striped summer dress", "Zürich café — naïve?")
