@@ -73,24 +73,26 @@ class Session:
             why = precision_unsupported(variant_precision(self.variant))
             if why:
                 raise BackendUnavailableError(why)
-            from fine_infer.bundle.variants import variant_file
             from fine_infer.runtime.paths import bundle_variant
 
             key = bundle_variant(ExecPath("openvino", self.variant))
-            if key is not None:  # a model file of its own (the int8 IR): every graph must have it, said at load
-                for entry in self.manifest.graphs.values():
-                    variant_file(entry, key, "openvino")
-        elif self.backend != "torch":  # fail at load, not at the first request, when a graph lacks the variant
-            from fine_infer.bundle.variants import variant_file
-
+            if key is not None:  # a model file of its own (the int8 IR)
+                self._require_variant(key, "openvino")
+        elif self.backend != "torch":
             try:
-                for entry in self.manifest.graphs.values():
-                    variant_file(entry, variant, self.backend)
+                self._require_variant(variant, self.backend)
             except BundleError as exc:
                 if variant == "bf16":
                     raise BundleError(f"{exc}; bf16 is OpenVINO's inference precision: load with "
                                       "backend='openvino'") from None
                 raise
+
+    def _require_variant(self, variant: str | None, backend: str) -> None:
+        """Every graph has ``variant``'s file: said at load, not at the first request of the graph that lacks it."""
+        from fine_infer.bundle.variants import variant_file
+
+        for entry in self.manifest.graphs.values():
+            variant_file(entry, variant, backend)
 
     def _auto(self, variant: str | None) -> Choice:
         """``backend="auto"``: ONNX Runtime where CUDA really runs it (or where a variant, providers or a CUDA device

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import statistics
 from pathlib import Path
@@ -38,10 +37,6 @@ TUNE_VERSION = 2
 TUNE_BATCHES = (1, 8)
 TUNE_ROUNDS = 7  # interleaved rounds per run: every path once per round, per graph × batch
 TUNE_RUNS = 3  # independent runs: the pick is made on all rounds pooled, and whether the runs agreed is said
-
-
-def _geomean(xs: Sequence[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def _gate_min_cosine(manifest: Manifest, path: ExecPath) -> float | None:
@@ -79,7 +74,7 @@ def measure_rounds(
         got = bench.interleaved_ms(fns, rounds=rounds, repeats=repeats, warmup=warmup)
         for label, times in got.items():
             ms[label][f"{graph}@{batch}"] = times
-    per_round = {label: [_geomean([ms[base][c][r] / ms[label][c][r] for c in ms[label]]) for r in range(rounds)]
+    per_round = {label: [statistics.geometric_mean([ms[base][c][r] / ms[label][c][r] for c in ms[label]]) for r in range(rounds)]
                  for label in sessions}
     return per_round, ms
 

@@ -46,7 +46,7 @@ def pick_warning(result: dict[str, Any], margin: float | None = None) -> str:
     bench measured (by more than ``margin``, default the tune rule's :data:`~fine_infer.runtime.choice.MIN_SPEEDUP`;
     speed: the geometric mean over graph × batch of ONNX Runtime fp32's p50 over the path's), else "". Only paths
     whose gate passed count (auto never picks another)."""
-    import math
+    import statistics
 
     from fine_infer.runtime.choice import MIN_SPEEDUP
     from fine_infer.runtime.paths import BASELINE, CPU_PATHS
@@ -62,8 +62,7 @@ def pick_warning(result: dict[str, Any], margin: float | None = None) -> str:
         rows = [r for r in result.get("rows", []) if r["backend"] == label and (r["graph"], r["batch"]) in base
                 and (label == auto or r.get("gate") == "passed")]
         if base and len(rows) == len(base):
-            speed[label] = math.exp(sum(math.log(base[(r["graph"], r["batch"])] / r["p50_ms"]) for r in rows)
-                                    / len(rows))
+            speed[label] = statistics.geometric_mean(base[(r["graph"], r["batch"])] / r["p50_ms"] for r in rows)
     if auto not in speed or not speed:
         return ""
     best = max(speed, key=speed.get)
