@@ -183,6 +183,19 @@ class _Probe:
         return worst
 
 
+def _load_error(path: Path) -> str:
+    """Why ONNX Runtime's CPU provider cannot load ``path``, or ""."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][-200:]
+    return ""
+
+
 def quantize_int8(
     src: str | Path,
     dst: str | Path,
@@ -214,7 +227,8 @@ def quantize_int8(
     (BERT's FFN output projections, some FFN inputs and Q/K/V): the real all-MiniLM-L6-v2 reached min cosine 0.977 on
     the gate's sentences with every weight MatMul quantised per channel (0.71 per tensor), 0.994 with the 10 most
     sensitive of its 36 kept in float. A graph the probe cannot run is quantised without the fallback; the gate
-    decides either way. ``report`` (a dict) receives what was kept in float and the probe figures.
+    decides either way. A per-channel graph ONNX Runtime cannot load (1.32 writes some) is redone with one weight
+    scale per tensor (also one that fails to run on the probe). ``report`` (a dict) receives what was kept in float and the probe figures.
 
     The graph first goes through ``quant_pre_process`` (ONNX Runtime's basic optimisations and shape inference;
     symbolic shape inference is skipped: it fails on dynamo graphs)."""
@@ -228,56 +242,91 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         trial = Path(tmp) / "trial.onnx"
 
+        channels = [per_channel]
+
         def quantize(keep: Sequence[str], out: Path) -> None:
-            quantize_dynamic(pre, os.fspath(out), weight_type=QuantType.QInt8, per_channel=per_channel,
+            quantize_dynamic(pre, os.fspath(out), weight_type=QuantType.QInt8, per_channel=channels[0],
                              reduce_range=reduce_range, op_types_to_quantize=ops, nodes_to_exclude=list(keep),
                              extra_options={"MatMulConstBOnly": True})
 
         try:
             quant_pre_process(os.fspath(src), os.fspath(pre), skip_symbolic_shape=True)
-            quantize([], trial)
         except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line for the user
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"int8 quantisation of {Path(src).name} failed: {first}") from exc
-        keep: list[str] = []
-        if fallback:
+        probe: _Probe | None = None
+        try:
+            probe = _Probe(pre)
+        except Exception as exc:  # noqa: BLE001 - a graph the probe cannot feed: no fallback, the gate decides
+            info["probe"] = f"not run: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+
+        def broken(path: Path) -> str:
+            """Why ``path`` does not load (or, with the probe, run) on ONNX Runtime's CPU provider, or ""."""
+            if probe is None:
+                return _load_error(path)
             try:
-                probe = _Probe(pre)
-            except Exception as exc:  # noqa: BLE001 - a graph the probe cannot feed: no fallback, the gate decides
-                info["probe"] = f"not run: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
-                probe = None
-            if probe is not None:
-                cos = probe.min_cosine(trial)
-                info["probe_min_cosine_all"] = round(cos, 6)
-                if cos < min_cosine:
-                    errors = probe.local_errors(reduce_range)
-                    order = sorted(errors, key=lambda n: -errors[n])
-                    tried: dict[int, float] = {0: cos}
+                probe.min_cosine(path)
+            except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+                return (str(exc).strip().splitlines() or [type(exc).__name__])[0][-200:]
+            return ""
 
-                    def attempt(k: int) -> float:
-                        quantize(order[:k], trial)
-                        tried[k] = probe.min_cosine(trial)
-                        if tried[k] >= min_cosine:  # keep the graph of every pass: the last one is the fewest
-                            os.replace(trial, Path(tmp) / f"keep-{k}.onnx")
-                        return tried[k]
+        try:
+            quantize([], trial)
+            if per_channel and (why := broken(trial)):
+                # ONNX Runtime 1.32 writes some per-channel dynamic graphs it cannot load or run itself (fashion-fine's
+                # tiny graphs: "node_matmul_quant_output_scale_mul ... Incompatible dimensions", DynamicQuantizeMatMul
+                # failing at batch 1): one scale per tensor then
+                channels[0] = False
+                info["per_channel"] = f"off: the per-channel graph does not load or run ({why})"
+                quantize([], trial)
+        except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line for the user
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"int8 quantisation of {Path(src).name} failed: {first}") from exc
 
-                    lo, hi = 0, 1  # lo fails, hi: next to try
-                    while hi < len(order) and attempt(hi) < min_cosine:
-                        lo, hi = hi, min(2 * hi, len(order))
-                    if hi not in tried:
-                        attempt(hi)
-                    while hi - lo > 1 and tried[hi] >= min_cosine:  # the fewest kept in float that pass
-                        mid = (lo + hi) // 2
-                        if attempt(mid) >= min_cosine:
-                            hi = mid
-                        else:
-                            lo = mid
-                    keep = order[:hi]
-                    info["probe_min_cosine"] = round(tried[hi], 6)
-                    info["kept_float"] = keep
-                    info["weight_matmuls"] = len(order)
-                    if tried[hi] < min_cosine:
-                        info["probe"] = "no choice of nodes in float reached the probe's cosine"
+        def _fallback(probe: _Probe, trial: Path, tmp: str) -> list[str]:
+            keep: list[str] = []
+            cos = probe.min_cosine(trial)
+            info["probe_min_cosine_all"] = round(cos, 6)
+            if cos < min_cosine:
+                errors = probe.local_errors(reduce_range)
+                order = sorted(errors, key=lambda n: -errors[n])
+                tried: dict[int, float] = {0: cos}
+
+                def attempt(k: int) -> float:
+                    quantize(order[:k], trial)
+                    tried[k] = probe.min_cosine(trial)
+                    if tried[k] >= min_cosine:  # keep the graph of every pass: the last one is the fewest
+                        os.replace(trial, Path(tmp) / f"keep-{k}.onnx")
+                    return tried[k]
+
+                lo, hi = 0, 1  # lo fails, hi: next to try
+                while hi < len(order) and attempt(hi) < min_cosine:
+                    lo, hi = hi, min(2 * hi, len(order))
+                if hi not in tried:
+                    attempt(hi)
+                while hi - lo > 1 and tried[hi] >= min_cosine:  # the fewest kept in float that pass
+                    mid = (lo + hi) // 2
+                    if attempt(mid) >= min_cosine:
+                        hi = mid
+                    else:
+                        lo = mid
+                keep = order[:hi]
+                info["probe_min_cosine"] = round(tried[hi], 6)
+                info["kept_float"] = keep
+                info["weight_matmuls"] = len(order)
+                if tried[hi] < min_cosine:
+                    info["probe"] = "no choice of nodes in float reached the probe's cosine"
+            return keep
+
+        keep: list[str] = []
+        if fallback and not broken(trial):
+            try:
+                keep = _fallback(probe, trial, tmp) if probe is not None else []
+            except Exception as exc:  # noqa: BLE001 - a fallback that cannot run leaves the graph to the gate
+                why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                info["probe"] = f"fallback not run: {why}"
+                keep = []
+                quantize([], trial)
             if keep and (Path(tmp) / f"keep-{len(keep)}.onnx").exists():
                 os.replace(Path(tmp) / f"keep-{len(keep)}.onnx", trial)
             elif keep:
