@@ -56,20 +56,26 @@ def _topk_ids(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
 
 
 def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 10, gallery_size: int = 1000,
-                   seed: int | None = None) -> float:
-    """Mean overlap of the top-``k`` ids that reference and candidate queries retrieve from one random gallery.
+                   seed: int | None = None, galleries: int = 8) -> float:
+    """Mean overlap of the top-``k`` ids that reference and candidate queries retrieve from random galleries.
 
-    The gallery mixes random unit vectors with the reference rows themselves (so near neighbours exist)."""
+    Each gallery mixes random unit vectors with the reference rows themselves (so near neighbours exist). The mean is
+    over ``galleries`` independent galleries: with one, the figure depended on the draw as much as on the candidate
+    (the same int8 graph of the tiny triplet model, 12 queries: 0.88 to 0.97 over six gallery seeds, against a gate
+    at 0.9); averaging keeps the expectation and cuts that spread by about sqrt(galleries)."""
     rng = np.random.default_rng(seed)
     ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
     cand = candidate.reshape(candidate.shape[0], -1).astype(np.float64)
-    g = rng.standard_normal((gallery_size, ref.shape[1]))
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    gallery = np.concatenate([g, ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-30)])
-    k = min(k, gallery.shape[0])
-    a, b = _topk_ids(ref, gallery, k), _topk_ids(cand, gallery, k)
-    overlap = [len(np.intersect1d(x, y, assume_unique=True)) / k for x, y in zip(a, b)]
-    return float(np.mean(overlap))
+    own = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-30)
+    overlaps: list[float] = []
+    for _ in range(max(1, galleries)):
+        g = rng.standard_normal((gallery_size, ref.shape[1]))
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        gallery = np.concatenate([g, own])
+        kk = min(k, gallery.shape[0])
+        a, b = _topk_ids(ref, gallery, kk), _topk_ids(cand, gallery, kk)
+        overlaps += [len(np.intersect1d(x, y, assume_unique=True)) / kk for x, y in zip(a, b)]
+    return float(np.mean(overlaps))
 
 
 def compare(

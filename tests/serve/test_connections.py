@@ -4,6 +4,7 @@ connections past the cap are answered 503 and closed, requests past the queue ca
 request's images are refused by their summed pixels before any decoding, and a request running past its time is
 answered 504."""
 
+import dataclasses
 import io
 import json
 import socket
@@ -156,9 +157,22 @@ def _heavy_files(n):
     return [("images", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(n)]
 
 
-def test_requests_past_the_queue_cap_are_answered_429(srv):
+@pytest.fixture()
+def busy_srv(maaf_bundle):
+    """The server of ``srv`` with a longer request timeout: the queue must stay full long enough for a probe to see
+    it on a loaded box (the timeout runs from the first byte, so with 1.5 s an upload slowed by other work left
+    almost no time between the heavy requests' admission and their 504)."""
+    limits = dataclasses.replace(LIMITS, request_timeout_s=4.0)
+    app = create_app(fine_infer.load(maaf_bundle), batching=BatchSettings(max_batch_size=4, lanes=1), limits=limits)
+    with ServerThread(app) as s:
+        s.wait_ready(timeout=DEADLINE_S)
+        yield s
+
+
+def test_requests_past_the_queue_cap_are_answered_429(busy_srv):
     """max_queue requests with their bodies in (here: long to decode) fill the queue; the next one is answered 429
     with Retry-After, while a slow upload holds no place in it and other routes are still answered."""
+    srv = busy_srv
     files = _heavy_files(24)
     heavy = []
     threads = [threading.Thread(target=lambda: heavy.append(
