@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fine_infer.errors import ConfigError, ExportError
+from fine_infer.errors import ConfigError, ExportError, first_line
 from fine_infer.specs import GraphSpec, ImagePreprocess, TextPreprocess
 
 DEFAULT_SIZE = 64  # calibration samples (NNCF's subset_size; the issue's measurement used 64)
@@ -136,11 +136,6 @@ def graph_calibration(spec: GraphSpec, data: CalibrationData, image: ImagePrepro
     return GraphCalibration(cal, held, f"{n_cal} {what} calibrate, {n_held} held out ({data.source})")
 
 
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def quantize_static_ort(src: str | Path, dst: str | Path, samples: Sequence[dict[str, np.ndarray]],
                         op_types: Sequence[str] = STATIC_OPS) -> dict[str, Any]:
     """ONNX Runtime static QDQ int8 of ``src`` at ``dst``, calibrated (MinMax) on ``samples``: per-channel int8
@@ -177,7 +172,7 @@ def quantize_static_ort(src: str | Path, dst: str | Path, samples: Sequence[dict
                             weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
                             calibrate_method=CalibrationMethod.MinMax)
         except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line for the user
-            raise ExportError(f"static int8 quantisation of {Path(src).name} failed: {_first(exc)}") from exc
+            raise ExportError(f"static int8 quantisation of {Path(src).name} failed: {first_line(exc)}") from exc
         finally:
             root.setLevel(level)
     mark_targets(dst, "int8-static", CPU_ONLY_TARGET)
@@ -252,7 +247,7 @@ def quantize_openvino(src: str | Path, dst_xml: str | Path, samples: Sequence[di
     try:
         model = ov.convert_model(os.fspath(src))
     except Exception as exc:  # noqa: BLE001 - the ONNX frontend raises many types; one line for the user
-        raise ExportError(f"OpenVINO cannot convert {Path(src).name}: {_first(exc)}") from exc
+        raise ExportError(f"OpenVINO cannot convert {Path(src).name}: {first_line(exc)}") from exc
     subset = min(len(samples), subset_size or len(samples))
     tries = ([smooth_quant] if smooth_quant != "auto" else ["on", "off"]) if transformer else ["n/a"]
     if score is None:
@@ -280,7 +275,7 @@ def quantize_openvino(src: str | Path, dst_xml: str | Path, samples: Sequence[di
                 q = nncf.quantize(model.clone(), nncf.Dataset(list(samples)), subset_size=subset, **kw)
             ov.save_model(q, os.fspath(out), compress_to_fp16=False)
         except Exception as exc:  # noqa: BLE001 - NNCF/OpenVINO raise many types; one line for the user
-            raise ExportError(f"NNCF int8 quantisation of {Path(src).name} failed: {_first(exc)}") from exc
+            raise ExportError(f"NNCF int8 quantisation of {Path(src).name} failed: {first_line(exc)}") from exc
         if len(tries) == 1:
             best = (0.0, sq, out)
             break

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from fine_infer.errors import ExportError
+from fine_infer.errors import ExportError, first_line
 
 CPU_ONLY_TARGET = "onnxruntime-cpu"
 # Ops quantised by default. Conv is left in float: its dynamic form (ConvInteger) runs but is slower than the fp32
@@ -183,6 +183,11 @@ class _Probe:
         return worst
 
 
+def _ort_why(exc: BaseException) -> str:
+    """An ONNX Runtime error's first line, its end kept (the cause follows a long "[ONNXRuntimeError] ..." prefix)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][-200:]
+
+
 def _load_error(path: Path) -> str:
     """Why ONNX Runtime's CPU provider cannot load ``path``, or ""."""
     import onnxruntime as ort
@@ -192,7 +197,7 @@ def _load_error(path: Path) -> str:
     try:
         ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][-200:]
+        return _ort_why(exc)
     return ""
 
 
@@ -252,40 +257,39 @@ def quantize_int8(
         try:
             quant_pre_process(os.fspath(src), os.fspath(pre), skip_symbolic_shape=True)
         except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line for the user
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"int8 quantisation of {Path(src).name} failed: {first}") from exc
+            raise ExportError(f"int8 quantisation of {Path(src).name} failed: {first_line(exc)}") from exc
         probe: _Probe | None = None
         try:
             probe = _Probe(pre)
         except Exception as exc:  # noqa: BLE001 - a graph the probe cannot feed: no fallback, the gate decides
-            info["probe"] = f"not run: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+            info["probe"] = f"not run: {first_line(exc, 200)}"
 
-        def broken(path: Path) -> str:
-            """Why ``path`` does not load (or, with the probe, run) on ONNX Runtime's CPU provider, or ""."""
+        def check(path: Path) -> tuple[str, float | None]:
+            """Why ``path`` does not load (or, with the probe, run) on ONNX Runtime's CPU provider ("" when it does),
+            and its probe min cosine (None without the probe)."""
             if probe is None:
-                return _load_error(path)
+                return _load_error(path), None
             try:
-                probe.min_cosine(path)
+                return "", probe.min_cosine(path)
             except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
-                return (str(exc).strip().splitlines() or [type(exc).__name__])[0][-200:]
-            return ""
+                return _ort_why(exc), None
 
         try:
             quantize([], trial)
-            if per_channel and (why := broken(trial)):
+            why, cos = check(trial)
+            if per_channel and why:
                 # ONNX Runtime 1.32 writes some per-channel dynamic graphs it cannot load or run itself (fashion-fine's
                 # tiny graphs: "node_matmul_quant_output_scale_mul ... Incompatible dimensions", DynamicQuantizeMatMul
                 # failing at batch 1): one scale per tensor then
                 channels[0] = False
                 info["per_channel"] = f"off: the per-channel graph does not load or run ({why})"
                 quantize([], trial)
+                why, cos = check(trial)
         except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line for the user
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"int8 quantisation of {Path(src).name} failed: {first}") from exc
+            raise ExportError(f"int8 quantisation of {Path(src).name} failed: {first_line(exc)}") from exc
 
-        def _fallback(probe: _Probe, trial: Path, tmp: str) -> list[str]:
+        def _fallback(probe: _Probe, trial: Path, tmp: str, cos: float) -> list[str]:
             keep: list[str] = []
-            cos = probe.min_cosine(trial)
             info["probe_min_cosine_all"] = round(cos, 6)
             if cos < min_cosine:
                 errors = probe.local_errors(reduce_range)
@@ -319,12 +323,11 @@ def quantize_int8(
             return keep
 
         keep: list[str] = []
-        if fallback and not broken(trial):
+        if fallback and not why:
             try:
-                keep = _fallback(probe, trial, tmp) if probe is not None else []
+                keep = _fallback(probe, trial, tmp, cos) if probe is not None and cos is not None else []
             except Exception as exc:  # noqa: BLE001 - a fallback that cannot run leaves the graph to the gate
-                why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-                info["probe"] = f"fallback not run: {why}"
+                info["probe"] = f"fallback not run: {first_line(exc, 200)}"
                 keep = []
                 quantize([], trial)
             if keep and (Path(tmp) / f"keep-{len(keep)}.onnx").exists():
@@ -376,7 +379,6 @@ def optimize_cpu(src: str | Path, dst: str | Path) -> dict[str, int]:
             model, fusions = optimize_for_ort(model)
         ir.save(model, os.fspath(dst))
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX Runtime CPU optimisation of {Path(src).name} failed: {first}") from exc
+        raise ExportError(f"ONNX Runtime CPU optimisation of {Path(src).name} failed: {first_line(exc)}") from exc
     mark_targets(dst, "cpu-opt", CPU_ONLY_TARGET)
     return {k: int(v) for k, v in fusions.items() if v}

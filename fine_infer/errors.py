@@ -33,3 +33,10 @@ class BackendUnavailableError(FineInferError):
 
 class IndexFileError(FineInferError):
     """An index file that is truncated, altered or of an unknown format version."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one line for a user: the first line of its message (at most ``limit`` characters), or the name of its
+    type when it has no message (quantisers and converters raise many types with multi-line texts)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fine_infer.errors import InputError
+from fine_infer.runtime.buckets import plan_buckets
 from fine_infer.specs import GraphSpec
 
 PAD_AXES = ("sequence",)  # dynamic axes the batcher may pad; any other differing dynamic axis splits the batch
@@ -51,8 +52,6 @@ def length_groups(spec: GraphSpec, groups_: list[list[Any]]) -> list[list[Any]]:
     pad_inputs = [(t.name, i) for t in spec.inputs for i, d in enumerate(t.shape) if i > 0 and d in PAD_AXES]
     if not pad_inputs or {n for n, _ in pad_inputs} != {t.name for t in spec.inputs}:
         return groups_
-    from fine_infer.runtime.buckets import plan_buckets
-
     out: list[list[Any]] = []
     for group in groups_:
         if len(group) < 2:

@@ -12,6 +12,7 @@ from fine_infer.bundle import Bundle, read_bundle
 from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError, InputError
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
+from fine_infer.runtime.buckets import plan_buckets, sequence_lengths
 from fine_infer.tokenization import MAX_TEXT_CHARS
 from fine_infer.runtime.choice import Choice, auto_choice
 from fine_infer.runtime.factory import make_runner
@@ -233,13 +234,10 @@ class Session:
         (:mod:`fine_infer.runtime.buckets`), each padded to its own longest: the same embeddings (to float rounding)
         for less work."""
         ids, mask = self.tokenize(texts, truncate)
-        if len(ids) < 2 or self.manifest.text is None or self.manifest.text.padding != "longest":
-            return self._single_output("embed_text", {"input_ids": ids, "attention_mask": mask})
-        from fine_infer.runtime.buckets import plan_buckets, sequence_lengths
-
-        lengths = sequence_lengths(mask)
-        buckets = plan_buckets(lengths)
-        if len(buckets) == 1:
+        padded_to_longest = self.manifest.text is not None and self.manifest.text.padding == "longest"
+        lengths = sequence_lengths(mask) if padded_to_longest and len(ids) > 1 else None
+        buckets = plan_buckets(lengths) if lengths is not None else []
+        if len(buckets) < 2:
             return self._single_output("embed_text", {"input_ids": ids, "attention_mask": mask})
         parts = []
         for rows in buckets:
