@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from fine_infer.compare import cosine_rows
 from fine_infer.errors import ExportError, first_line
 
 CPU_ONLY_TARGET = "onnxruntime-cpu"
@@ -177,8 +178,8 @@ class _Probe:
                 g = np.asarray(g, np.float64).reshape(len(g), -1)
                 if not np.isfinite(g).all():
                     return 0.0
-                den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-                cos = np.where(den > 0, (r * g).sum(1) / np.maximum(den, 1e-30), 1.0)
+                both_zero = (np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)) == 0
+                cos = np.where(both_zero, 1.0, cosine_rows(r, g))
                 worst = min(worst, float(cos.min()))
         return worst
 
@@ -233,7 +234,8 @@ def quantize_int8(
     the gate's sentences with every weight MatMul quantised per channel (0.71 per tensor), 0.994 with the 10 most
     sensitive of its 36 kept in float. A graph the probe cannot run is quantised without the fallback; the gate
     decides either way. A per-channel graph ONNX Runtime cannot load (1.32 writes some) is redone with one weight
-    scale per tensor (also one that fails to run on the probe). ``report`` (a dict) receives what was kept in float and the probe figures.
+    scale per tensor (also one that fails to run on the probe). ``report`` (a dict) receives what was kept in float
+    and the probe figures.
 
     The graph first goes through ``quant_pre_process`` (ONNX Runtime's basic optimisations and shape inference;
     symbolic shape inference is skipped: it fails on dynamo graphs)."""

@@ -42,7 +42,8 @@ class Comparison:
         return asdict(self)
 
 
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b`` (2-D arrays; 0 where a row is all zeros)."""
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
     denom = np.maximum(na * nb, 1e-30)
@@ -105,7 +106,7 @@ def compare(
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(ref2).max()) if ref2.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
-    cos = _cosine_rows(ref2, cand2)
+    cos = cosine_rows(ref2, cand2)
     if kind == "logits":
         agree = float(np.mean(ref2.argmax(axis=1) == cand2.argmax(axis=1)))
         k = 1

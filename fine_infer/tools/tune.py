@@ -6,8 +6,8 @@ The CPU paths and their gates are listed in :mod:`fine_infer.runtime.paths`; gat
 round, so load that comes and goes falls on all of them alike), three runs of seven rounds by default, and decides
 with :func:`fine_infer.runtime.choice.decide` on the per-round speedups: a path whose margin over ONNX Runtime fp32 is
 inside the noise is not picked (ONNX Runtime fp32 is stored, verdict ``noise``, with why); it records each path's
-per-round speedups, median and spread, whether the runs agreed and the load average it saw; :func:`write_tune` stores the result as
-``tune.<stamp>.json`` in the bundle through :func:`fine_infer.bundle.update_manifest` (hashed into
+per-round speedups, median and spread, whether the runs agreed and the load average it saw; :func:`write_tune` stores
+the result as ``tune.<stamp>.json`` in the bundle through :func:`fine_infer.bundle.update_manifest` (hashed into
 ``manifest.files`` and pointed to by ``manifest.validation["tune"]``; a crash leaves either the old or the new result
 listed, never a file whose checksum fails). ``load(bundle, backend="auto")`` reads it through
 :mod:`fine_infer.runtime.choice`. Storing a result changes the bundle (a new file and the manifest): a signed bundle
@@ -74,7 +74,8 @@ def measure_rounds(
         got = bench.interleaved_ms(fns, rounds=rounds, repeats=repeats, warmup=warmup)
         for label, times in got.items():
             ms[label][f"{graph}@{batch}"] = times
-    per_round = {label: [statistics.geometric_mean([ms[base][c][r] / ms[label][c][r] for c in ms[label]]) for r in range(rounds)]
+    per_round = {label: [statistics.geometric_mean([ms[base][c][r] / ms[label][c][r] for c in ms[label]])
+                         for r in range(rounds)]
                  for label in sessions}
     return per_round, ms
 
