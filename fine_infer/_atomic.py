@@ -12,6 +12,7 @@ did not make is never touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -112,9 +113,11 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temp file in ``path``'s folder for binary writing; on success fsync it and rename it over ``path``.
 
     On any exception the temp file is removed and ``path`` is untouched. A kill leaves the temp file behind:
-    :func:`remove_stale_temps` removes it later."""
+    :func:`remove_stale_temps` removes it later. A ``path`` that is a symlink is replaced by the file (never written
+    through); one that is a folder, device, pipe or socket is refused (:class:`OSError`), as is a parent that is a
+    file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_destination(path)
     tmp = path.parent / temp_name(path.name)
     with in_flight(tmp):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), FILE_MODE)
@@ -129,6 +132,18 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def _check_destination(path: Path) -> None:
+    """Refuse to rename over anything but a regular file or a link, and create the parent folders."""
+    if not path.is_symlink() and path.exists() and not path.is_file():
+        raise FileExistsError(errno.EEXIST, "exists and is not a regular file (a folder, device or pipe); "
+                              "write to a file path instead", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(errno.ENOTDIR, "is not a folder: a file of that name is in the way",
+                                 str(next(p for p in path.parents if p.exists() and not p.is_dir()))) from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

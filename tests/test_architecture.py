@@ -17,7 +17,7 @@ FOLDERS = {"fine_infer": "fine_infer", "kernels": "fine_infer.kernels", "export"
 LAYERS = [
     (0, "fine_infer.errors"), (0, "fine_infer.specs"), (0, "fine_infer.compare"), (0, "fine_infer.preprocess"),
     (0, "fine_infer.tokenization"), (0, "fine_infer.textclean"), (0, "fine_infer.labels"), (0, "fine_infer._atomic"),
-    (0, "fine_infer._cpu"),
+    (0, "fine_infer._cpu"), (0, "fine_infer._strict_json"),
     (0, "fine_infer._native"), (0, "fine_infer._bare_import"),
     (1, "fine_infer.bundle"),
     (2, "fine_infer.kernels"),

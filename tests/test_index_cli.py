@@ -136,8 +136,15 @@ BAD_LINES = {
     "id -1": ('{"id": -1, "text": "a coat"}', '"id" may not be -1'),
     "no id among ids": ('{"text": "a coat"}', 'no "id", while cat.jsonl:1 has one'),
     "empty text": ('{"id": 3, "text": "  "}', '"text" is empty'),
-    "text not a string": ('{"id": 3, "text": 42}', '"text" is a JSON int'),
-    "not an object": ('["a coat"]', "a JSON list, not an object"),
+    "text not a string": ('{"id": 3, "text": 42}', '"text" is a number, not a string'),
+    "not an object": ('["a coat"]', "an array, not a JSON object"),
+    "NaN": ('{"id": 3, "text": "a coat", "price": NaN}', "NaN is not valid JSON"),
+    "inf": ('{"id": 3, "text": "a coat", "price": 1e999}', "1e999 is out of the range of a float"),
+    "5000 digits": ('{"id": 3, "text": "a coat", "n": ' + "1" * 5000 + "}", "not valid JSON here"),
+    "nested 40 deep": ('{"id": 3, "text": "a coat", "n": ' + "[" * 40 + "]" * 40 + "}", "nested deeper than 32"),
+    "nested 100000 deep": ('{"id": 3, "text": "a coat", "n": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                           "nested deeper than 32"),
+    "line over 1 MiB": ('{"id": 3, "text": "a coat", "n": "' + "x" * (1 << 20) + '"}', "longer than 1 MiB"),
     "text over the limit": (json.dumps({"id": 3, "text": LONG}), "the text has 62 tokens; this model takes at most 32"),
 }
 
@@ -304,3 +311,136 @@ def test_progress_bar_only_on_a_terminal(bundles, tmp_path, capsys):
     assert rc == 0 and received == ""
     rc, _, err = cli(capsys, "index", text_bundle, cat, "--out", tmp_path / "d.fidx")  # stderr not a terminal
     assert rc == 0 and err == ""
+
+
+def test_out_paths_that_are_not_files_are_refused_and_links_are_followed(bundles, tmp_path, capsys):
+    text_bundle, _ = bundles
+    cat = tmp_path / "t.txt"
+    cat.write_text("a red dress\nwhite sneakers\n")
+    fifo = tmp_path / "pipe.fidx"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.fidx"
+    folder.mkdir()
+    for target, needle in ((fifo, "exists and is not a regular file"), (folder, "exists and is not a regular file"),
+                           (cat / "x.fidx", "is not a folder")):
+        rc, _, err = cli(capsys, "index", text_bundle, cat, "--out", target, "--force")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert fifo.is_fifo() and folder.is_dir() and cat.read_text() == "a red dress\nwhite sneakers\n"
+    rc, _, err = cli(capsys, "index", text_bundle, cat, "--out", cat, "--force")  # the catalogue itself
+    assert rc == 2 and "is the catalogue being indexed" in err and cat.read_text().startswith("a red dress")
+
+    store = tmp_path / "store"
+    rc, _, err = cli(capsys, "index", text_bundle, cat, "--out", store / "real.fidx")
+    assert rc == 0, err
+    link = tmp_path / "current.fidx"
+    link.symlink_to(store / "real.fidx")
+    more = tmp_path / "more.txt"
+    more.write_text("navy wool coat\n")
+    rc, _, err = cli(capsys, "index", text_bundle, more, "--out", link, "--add")
+    assert rc == 0, err
+    assert link.is_symlink() and len(Index.load(store / "real.fidx")) == 3  # the target grew; the link stays
+    rc, _, err = cli(capsys, "index", text_bundle, more, "--out", link, "--add", "--dtype", "int8")
+    assert rc == 2 and "--dtype int8 does not match" in err and len(Index.load(link)) == 3
+
+
+def test_catalogues_that_are_not_regular_files_are_refused(bundles, tmp_path, capsys):
+    text_bundle, _ = bundles
+    fifo = tmp_path / "cat.txt"
+    os.mkfifo(fifo)  # reading it would block forever
+    zero = tmp_path / "zero.txt"
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    for source in (fifo, zero):
+        rc, _, err = cli(capsys, "index", text_bundle, source, "--out", tmp_path / "x.fidx")
+        assert rc == 2 and "is not a regular file" in err, err
+
+
+def test_implicit_ids_past_int64_fail_before_embedding(bundles, tmp_path, capsys):
+    text_bundle, _ = bundles
+    out = tmp_path / "x.fidx"
+    write_jsonl(tmp_path / "top.jsonl", [{"id": (1 << 63) - 1, "text": "a red dress"}])
+    assert cli(capsys, "index", text_bundle, tmp_path / "top.jsonl", "--out", out)[0] == 0
+    before = out.read_bytes()
+    (tmp_path / "more.txt").write_text("white sneakers\n")
+    rc, _, err = cli(capsys, "index", text_bundle, tmp_path / "more.txt", "--out", out, "--add")
+    assert rc == 2 and "would run past int64" in err and 'its own "id"' in err
+    assert out.read_bytes() == before
+
+
+def test_search_escapes_what_a_terminal_would_act_on(bundles, tmp_path, capsys):
+    text_bundle, _ = bundles
+    rows = [{"text": "a red dress", 'sku\n  2.  0.9999  id 777  "FORGED"\nx': "A1"},
+            {"text": "blue jeans", "note": "ok\u001b[2J\u001b[31mRED", "u": "a\rFAKE", "b": "x\u202eevil"}]
+    write_jsonl(tmp_path / "inj.jsonl", rows)
+    out = tmp_path / "inj.fidx"
+    assert cli(capsys, "index", text_bundle, tmp_path / "inj.jsonl", "--out", out)[0] == 0
+    rc, stdout, err = cli(capsys, "search", out, "--text", "a red dress", "--k", 2)
+    assert rc == 0, err
+    lines = stdout.splitlines()
+    assert len(lines) == 2 and all(line.isprintable() for line in lines), lines
+    assert '"sku\\n  2.  0.9999  id 777  \\"FORGED\\"\\…=A1' in stdout  # escaped, then cut at 40
+    assert 'note="ok\\u001b[2J\\u001b[31mRED"' in stdout and 'u="a\\rFAKE"' in stdout and 'b="x\\u202eevil"' in stdout
+    rc, stdout, _ = cli(capsys, "search", out, "--text", "a red dress", "--k", 2, "--json")
+    assert json.loads(stdout)["hits"][1]["note"] == rows[1]["note"]  # --json keeps the value, escaped by JSON
+
+
+def test_hand_made_index_files_are_refused_in_one_line(bundles, tmp_path, capsys):
+    text_bundle, _ = bundles
+    session = fine_infer.load(text_bundle)
+    vectors = session.embed_texts(["a red dress", "white sneakers"])
+
+    def index_with(**change):
+        index = Index(vectors.shape[1])
+        index.add(vectors, [3, 4], metadata=[{"text": "a red dress"}, {"text": "white sneakers"}])
+        index.attrs.update(bundle=str(text_bundle.resolve()), bundle_identity=session.manifest.identity())
+        index.attrs.update(change.get("attrs", {}))
+        if "meta" in change:
+            index._meta[3] = change["meta"]  # what a hostile writer can put there (checksums are its own)
+        if "first_id" in change:
+            index._ids[0] = change["first_id"]
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.fidx"
+        index.save(path)
+        return path
+
+    for change, needle in (({"meta": 5}, "the metadata of id 3 is not an object"),
+                           ({"meta": {"n": json.loads("[" * 34 + "1" + "]" * 34)}},
+                            "nested deeper than"),
+                           ({"first_id": -1}, "id -1 in section 'ids'"),
+                           ({"attrs": {"bundle": 12345}}, "attrs.bundle is not a string"),
+                           ({"attrs": {"bundle_identity": 12345}}, "attrs.bundle_identity is not a string")):
+        rc, _, err = cli(capsys, "search", index_with(**change), "--text", "dress")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, (change, err)
+    with pytest.raises(fine_infer.InputError, match="nested deeper than 32"):
+        Index(vectors.shape[1]).add(vectors[:1], [1], metadata=[{"n": json.loads("[" * 40 + "]" * 40)}])
+
+
+def test_embed_out_and_truncate(bundles, tmp_path, capsys):
+    text_bundle, _ = bundles
+    session = fine_infer.load(text_bundle)
+    out = tmp_path / "q.npy"
+    rc, stdout, err = cli(capsys, "embed", text_bundle, "--text", "a red dress", "--out", out)
+    assert rc == 0 and stdout.strip().endswith(str(out)), err
+    np.testing.assert_allclose(np.load(out), session.embed_texts(["a red dress"]), atol=ATOL, rtol=0)
+    before = out.read_bytes()
+    for args, needle in ((["--out", out], "already exists; pass --force"),
+                         (["--out", tmp_path / "q"], "must end in .npy"),
+                         (["--out", tmp_path / "f.txt" / "q.npy", "--force"], None)):
+        (tmp_path / "f.txt").write_text("x")
+        rc, _, err = cli(capsys, "embed", text_bundle, "--text", "a blue coat", *args)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and (needle is None or needle in err), err
+    assert out.read_bytes() == before and not (tmp_path / "q.npy.npy").exists()
+
+    # over the tiny tower's 32 tokens: refused with the CLI's option as the fix, or cut with --truncate
+    rc, _, err = cli(capsys, "embed", text_bundle, "--text", LONG)
+    assert rc == 2 and "pass --truncate" in err and "truncate=True" not in err
+    rc, stdout, err = cli(capsys, "embed", text_bundle, "--text", LONG, "--truncate")
+    assert rc == 0, err
+    got = np.array(json.loads(stdout)["embeddings"])
+    np.testing.assert_allclose(got, session.embed_texts([LONG], truncate=True), atol=1e-6, rtol=0)
+    write_jsonl(tmp_path / "long.jsonl", [{"id": 1, "text": LONG}, {"id": 2, "text": "a red dress"}])
+    rc, _, err = cli(capsys, "index", text_bundle, tmp_path / "long.jsonl", "--out", tmp_path / "l.fidx",
+                     "--truncate")
+    assert rc == 0, err
+    np.testing.assert_allclose(Index.load(tmp_path / "l.fidx").get_vectors([1]),
+                               session.embed_texts([LONG], truncate=True), atol=ATOL, rtol=0)
+    rc, stdout, err = cli(capsys, "search", tmp_path / "l.fidx", "--text", LONG, "--truncate", "--k", 1)
+    assert rc == 0 and stdout.startswith("  1.  1.0000  id 1"), (stdout, err)

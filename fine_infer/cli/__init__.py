@@ -112,6 +112,14 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # main() decides whether it was stdout's reader going away
+    except OSError as exc:  # a path the user gave that cannot be read or written: one line, not a traceback
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fine-infer {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 __all__ = ["build_parser", "main"]

@@ -18,12 +18,16 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from fine_infer import _strict_json
 from fine_infer.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_LINE_BYTES = 1 << 20  # one catalogue line; a longer one is a bad item, read past without holding it
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
 
 
 @dataclass
@@ -65,6 +69,8 @@ def kind_of(source: Path) -> str:
         return "images"
     if not source.exists():
         raise InputError(f"{source} does not exist; give a folder of images, a .jsonl catalogue or a .txt of texts")
+    if not source.is_file():  # a device, a pipe or a socket (or a link to one) would never end or never start
+        raise InputError(f"{source} is not a regular file (a device, pipe or socket); give a .jsonl or .txt file")
     suffix = source.suffix.lower()
     if suffix in (".jsonl", ".txt"):
         return suffix[1:]
@@ -83,26 +89,38 @@ def read_images(folder: Path, start: int) -> Catalogue:
     return Catalogue("images", items, [])
 
 
-def _lines(path: Path) -> list[tuple[int, str | None]]:
-    """(line number, text or None when it is not UTF-8) for each line of ``path``, newline and BOM removed."""
-    out = []
-    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError:
-            out.append((n, None))
-            continue
-        out.append((n, line.lstrip("\ufeff") if n == 1 else line))
-    return out
+def json_type(value: Any) -> str:
+    """``value``'s JSON type as a phrase (``an object``, ``a string``, ``null``...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text, "") for each line of ``path`` (newline and a leading BOM removed), or (line number,
+    None, why) for one that is not UTF-8 or longer than :data:`MAX_LINE_BYTES`. Read a line at a time."""
+    with open(path, "rb") as f:
+        n = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass  # the rest of the over-long line, dropped as it is read
+                yield n, None, f"longer than {MAX_LINE_BYTES >> 20} MiB"
+                continue
+            try:
+                line = raw.removesuffix(b"\n").decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError:
+                yield n, None, "not UTF-8 text"
+                continue
+            yield n, (line.lstrip("\ufeff") if n == 1 else line), ""
 
 
 def read_txt(path: Path, start: int) -> Catalogue:
     """One text a non-blank line; metadata ``{"text": ...}``."""
     items, bad = [], []
-    for n, line in _lines(path):
+    for n, line, why in _lines(path):
         where = f"{path.name}:{n}"
         if line is None:
-            bad.append(Bad(n, where, "not UTF-8 text"))
+            bad.append(Bad(n, where, why))
         elif line.strip():
             items.append(Item(where, start + len(items) + len(bad), n, text=line, metadata={"text": line}))
     return Catalogue("txt", items, bad)
@@ -126,21 +144,24 @@ def read_jsonl(path: Path, start: int, wants: str, taken: set[int]) -> Catalogue
     objects: list[tuple[int, str, dict[str, Any], int]] = []  # (line, where, object, its implicit id)
     bad: list[Bad] = []
     nonblank = 0
-    for n, line in _lines(path):
+    for n, line, why in _lines(path):
         where = f"{path.name}:{n}"
         if line is not None and not line.strip():
             continue
         nonblank += 1
         if line is None:
-            bad.append(Bad(n, where, "not UTF-8 text"))
+            bad.append(Bad(n, where, why))
             continue
         try:
-            obj = json.loads(line)
+            obj = _strict_json.loads(line)
         except json.JSONDecodeError as exc:
             bad.append(Bad(n, where, f"not valid JSON ({exc.msg} at column {exc.colno})"))
             continue
+        except ValueError as exc:  # NaN, 1e999, a 5000-digit number, nesting deeper than the limit
+            bad.append(Bad(n, where, f"not valid JSON here ({exc})"))
+            continue
         if not isinstance(obj, dict):
-            bad.append(Bad(n, where, f"a JSON {type(obj).__name__}, not an object like {{\"text\": \"...\"}}"))
+            bad.append(Bad(n, where, f"{json_type(obj)}, not a JSON object like {{\"text\": \"...\"}}"))
             continue
         objects.append((n, where, obj, start + nonblank - 1))
     with_id = [w for _, w, o, _ in objects if "id" in o]
@@ -178,7 +199,7 @@ def _content_problem(obj: dict[str, Any], wants: str) -> str:
         if "text" not in obj:
             return f'no "text" key (its keys: {keys})'
         if not isinstance(obj["text"], str):
-            return f'"text" is a JSON {type(obj["text"]).__name__}, not a string'
+            return f'"text" is {json_type(obj["text"])}, not a string'
         if not obj["text"].strip():
             return '"text" is empty'
     if wants in ("image", "both"):

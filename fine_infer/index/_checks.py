@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from fine_infer import _strict_json
 from fine_infer.errors import InputError
 from fine_infer.index._storage import SLICE
 
@@ -133,6 +134,7 @@ def as_metadata(metadata: Any, count: int) -> list[dict[str, Any] | None] | None
         if not isinstance(m, dict):
             raise InputError(f"metadata[{j}] must be a dict or None, got {type(m).__name__}")
         try:
+            _strict_json.check_depth(m)  # first: json.dumps would recurse as deep as it goes
             text = json.dumps(m, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InputError(f"metadata[{j}] is not JSON-serialisable: {exc}") from None

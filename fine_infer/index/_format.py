@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 
+from fine_infer import _strict_json
 from fine_infer._atomic import atomic_writer, remove_stale_temps
 from fine_infer.errors import IndexFileError
 
@@ -266,7 +266,8 @@ def read(path: str | Path, *, mmap: bool = False, verify: bool = True) -> IndexF
         colmax = np.frombuffer(small("colmax"), "<f4").astype(np.float32)
         scales = np.frombuffer(small("scales"), "<f4").astype(np.float32) if dtype == "int8" else None
         try:
-            meta = json.loads(small("meta").decode("utf-8"))
+            # {"attrs": ..., "metadata": {id: one item's metadata}}: two levels above what Index.add accepts
+            meta = _strict_json.loads(small("meta").decode("utf-8"), _strict_json.MAX_DEPTH + 2)
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
         except (UnicodeDecodeError, ValueError) as exc:

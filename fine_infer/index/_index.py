@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fine_infer import _strict_json
 from fine_infer._cpu import cpu_cores
 from fine_infer.errors import BackendUnavailableError, ConfigError, InputError
 from fine_infer.index import _format, _native_search
@@ -358,6 +359,7 @@ class Index:
         behind) waits for a copy, not for the disk."""
         with self._lock.read():
             try:
+                _strict_json.check_depth(self.attrs)
                 meta_text = json.dumps({
                     "attrs": self.attrs,
                     "metadata": {str(i): m for i, m in self._meta.items()},
@@ -408,10 +410,17 @@ class Index:
         try:
             index.attrs = dict(f.meta.get("attrs") or {})
             index._meta = {int(i): m for i, m in (f.meta.get("metadata") or {}).items()}
+            bad = next((i for i, m in index._meta.items() if m is not None and not isinstance(m, dict)), None)
+            if bad is not None:
+                raise ValueError(f"the metadata of id {bad} is not an object")
+            _strict_json.check_depth(index._meta, _strict_json.MAX_DEPTH + 1)
         except (TypeError, ValueError, AttributeError) as exc:
             raise _format.fail(Path(path), f"section 'meta' has an unexpected layout ({exc})") from None
         if len(np.unique(index._ids)) != f.count:
             raise _format.fail(Path(path), "duplicate ids in section 'ids'")
+        if (index._ids[: f.count] == -1).any():
+            raise _format.fail(Path(path), "id -1 in section 'ids' (it marks 'no result'): the file was not written "
+                                           "by Index.save")
         return index
 
     # --- scale-out --------------------------------------------------------------------------------------------------

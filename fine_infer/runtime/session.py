@@ -265,14 +265,16 @@ class Session:
         out = self.run(entry.spec.name, {"pixels": self.preprocess_images(images)})
         return classify_outputs(out, self.manifest.class_labels)
 
-    def embed(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
-        """Embed whatever the bundle's graphs allow: images, texts, or both together (composed query)."""
+    def embed(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str] | None = None,
+              truncate: bool = False) -> np.ndarray:
+        """Embed whatever the bundle's graphs allow: images, texts, or both together (composed query). ``truncate``:
+        cut texts over the model's token limit instead of refusing them."""
         if images is not None and texts is not None:
-            return self.compose(images, texts)
+            return self.compose(images, texts, truncate)
         if images is not None:
             return self.embed_images(images)
         if texts is not None:
-            return self.embed_texts(texts)
+            return self.embed_texts(texts, truncate)
         raise InputError("give images, texts or both")
 
     def close(self) -> None:
