@@ -352,7 +352,7 @@ def load_tokenizer(path: str | Path):
 
 
 def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False,
-           max_chars: int = MAX_TEXT_CHARS) -> tuple[np.ndarray, np.ndarray]:
+           max_chars: int = MAX_TEXT_CHARS, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Encode strings to ``(input_ids, attention_mask)``, both int64 of shape (batch, sequence).
 
     Each text is first cleaned and templated as ``spec`` says (``clean``, ``clean_args``, ``template``:
@@ -360,7 +360,8 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     than ``spec.max_length`` tokens is refused unless ``truncate`` is set
     (then it is cut, keeping the end token; for ``hf`` tokenizers the text's tokens are cut and every special token
     the template adds before and after them is kept, as the tokenizers library truncates), so a query is never
-    silently shortened. A text over ``max_chars`` characters is refused before any tokenizing work.
+    silently shortened. A text over ``max_chars`` characters is refused before any tokenizing work. ``max_tokens``
+    (at most ``spec.max_length``) lowers the limit that refuses or cuts; the padding stays the model's.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -374,7 +375,7 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
         if len(t) > max_chars:
             raise InputError(f"text {i} has {len(t)} characters; the limit is {max_chars}")
     encodings = tokenizer.encode_batch(apply_conventions(texts, spec.clean, spec.clean_args, spec.template))
-    L = spec.max_length
+    L = spec.max_length if max_tokens is None else min(max_tokens, spec.max_length)
     rows = []
     for i, enc in enumerate(encodings):
         ids = [x for x, m in zip(enc.ids, enc.attention_mask) if m]
@@ -388,7 +389,7 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
                 )
             ids = _truncate_hf(ids, special, L) if spec.tokenizer == "hf" else ids[: L - 1] + ids[-1:]
         rows.append(ids)
-    width = L if spec.padding == "max_length" else max(len(r) for r in rows)
+    width = spec.max_length if spec.padding == "max_length" else max(len(r) for r in rows)
     input_ids = np.full((len(rows), width), spec.pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):

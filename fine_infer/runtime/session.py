@@ -209,13 +209,16 @@ class Session:
             raise ConfigError(f"bundle {self.bundle.path} takes no images")
         return preprocess_images(images, self.manifest.image)
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Strings → ``(input_ids, attention_mask)`` exactly as the manifest's tokenisation says."""
+    def tokenize(self, texts: Sequence[str], truncate: bool = False,
+                 max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Strings → ``(input_ids, attention_mask)`` exactly as the manifest's tokenisation says; ``max_tokens``
+        lowers the model's token limit (what ``truncate`` cuts to, or what is refused without it)."""
         from fine_infer.tokenization import encode
 
         if self.manifest.text is None or self.tokenizer is None:
             raise ConfigError(f"bundle {self.bundle.path} takes no text")
-        return encode(self.tokenizer, texts, self.manifest.text, truncate=truncate, max_chars=self.max_text_chars)
+        return encode(self.tokenizer, texts, self.manifest.text, truncate=truncate, max_chars=self.max_text_chars,
+                      max_tokens=max_tokens)
 
     # --- tasks --------------------------------------------------------------------------------------------------
     def _single_output(self, task: str, feeds: dict[str, np.ndarray]) -> np.ndarray:

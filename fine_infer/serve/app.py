@@ -21,6 +21,7 @@ import binascii
 import contextlib
 import json
 import threading
+from pathlib import PurePath
 from typing import Any, Sequence
 
 import anyio
@@ -45,6 +46,7 @@ from fine_infer.serve.state import ServeState
 # From this size a scan holds the event loop longer than handing it to the search worker costs: such galleries are
 # searched off the event loop, batched across concurrent requests (one scan serves the batch); smaller ones inline.
 INDEX_THREAD_MIN = 10_000
+PARSE_INLINE_BYTES = 64 << 10  # JSON bodies from this size are parsed in a worker thread
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -76,6 +78,15 @@ def _validation_error(exc: ValidationError, model: type[BaseModel]) -> ServeErro
     return ServeError(f"field {loc!r}: {e['msg']}", status=422, type="invalid_field", field=loc)
 
 
+def model_name(m: Any) -> str:
+    """The bundle's model as clients may see it: the zoo arch, or the source's kind and folder name (a source such as
+    ``hf:/home/me/models/x`` holds a path of this machine)."""
+    if m.arch:
+        return m.arch
+    kind, sep, where = (m.source or "custom").partition(":")
+    return f"{kind}:{PurePath(where).name}" if sep else kind
+
+
 async def _parse(request: Request, model: type[BaseModel], state: ServeState, multipart: bool) -> tuple[Any, dict]:
     """The validated JSON body, or for multipart: ``(None, {"images": [bytes], "texts": [str]})``. Any other
     Content-Type is refused (415)."""
@@ -91,7 +102,10 @@ async def _parse(request: Request, model: type[BaseModel], state: ServeState, mu
         raise ServeError(f"empty body: send a JSON object with fields: {', '.join(model.model_fields)}",
                          status=400, type="invalid_json")
     try:
-        return model.model_validate_json(body), {}
+        if len(body) < PARSE_INLINE_BYTES:
+            return model.model_validate_json(body), {}
+        # a large body (up to max_body_bytes: millions of list items) takes a core for a while: not the event loop's
+        return await anyio.to_thread.run_sync(model.model_validate_json, body, limiter=state.cpu_limiter), {}
     except ValidationError as exc:
         raise _validation_error(exc, model) from None
 
@@ -152,8 +166,11 @@ class _Handlers:
     def _graph(self, task: str) -> Any:
         try:
             return self.st.session.bundle.graph_for_task(task).spec
-        except BundleError as exc:
-            raise ServeError(str(exc), type="unsupported") from None
+        except BundleError:  # its message names the bundle's path on this machine: not for clients
+            m = self.st.session.manifest
+            have = ", ".join(f"{n} ({g.spec.task})" for n, g in m.graphs.items())
+            raise ServeError(f"this bundle ({model_name(m)}) cannot {task}; its graphs: {have}",
+                             type="unsupported") from None
 
     def _headers(self, images: Sequence[bytes | str]) -> list[bytes]:
         """base64 decoded; each image's pixels (from its header) checked, and the request's sum."""
@@ -189,12 +206,16 @@ class _Handlers:
         if m is None:
             raise ServeError(f"this bundle ({s.manifest.arch or s.manifest.source}) takes no text", type="unsupported")
         lim = self.st.limits
-        if truncate:
-            lim.check_chars(texts)  # blank or over max_text_chars: refused; over the token limit: cut
-            return {}, texts
-        lim.check_texts(texts, None, m.max_length)  # empty and over-long (characters) texts, without tokenizing
         limit = lim.text_token_limit(m.max_length)
-        if limit is None or limit >= m.max_length:
+        below = limit is not None and limit < m.max_length  # the server's limit is stricter than the model's
+        if truncate:
+            lim.check_chars(texts)  # blank or over max_text_chars: refused; over the token limit: cut (to the lower)
+            if not below:
+                return {}, texts
+            ids, mask = s.tokenize(texts, truncate=True, max_tokens=limit)
+            return {"input_ids": ids, "attention_mask": mask}, None
+        lim.check_texts(texts, None, m.max_length)  # empty and over-long (characters) texts, without tokenizing
+        if not below:
             return {}, texts  # the tokenizer itself refuses a text over the model's maximum (see _run)
         lim.check_texts(texts, s.tokenizer, m.max_length)
         ids, mask = s.tokenize(texts)
@@ -341,8 +362,9 @@ def create_app(session: Any, index: Any | None = None, *, batching: BatchSetting
         await anyio.to_thread.run_sync(state.close)
 
     m = session.manifest
-    app = FastAPI(title="fine-infer", version=_version(), lifespan=lifespan, **_NO_TELEMETRY,
-                  description=f"Embedding, search and classification with a {m.arch or m.source} bundle.")
+    # redirect_slashes off: its 307 to "/healthz" would be built from the client's Host header
+    app = FastAPI(title="fine-infer", version=_version(), lifespan=lifespan, redirect_slashes=False, **_NO_TELEMETRY,
+                  description=f"Embedding, search and classification with a {model_name(m)} bundle.")
     app.state.serve = state
     h = _Handlers(state)
 

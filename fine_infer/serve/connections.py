@@ -10,10 +10,14 @@ buffer. So the server runs on :class:`GuardedHttpProtocol`, uvicorn's httptools 
 - an idle timer: a new connection that sends nothing for ``idle_timeout_s`` is closed (after a response, uvicorn's
   own keep-alive timer, set to the same value, does this);
 - a header timer and budget: from a request's first byte its headers must be in within ``read_timeout_s`` and
-  ``max_header_bytes`` (408 / 431, then closed);
+  ``max_header_bytes`` (408 / 431, then closed), counted both as the bytes arrive (a head sent slowly) and as the
+  parser hands over the request line and each header (a head sent in one read);
 - a body backstop: the app answers a body slower than ``read_timeout_s`` with 408 (:mod:`fine_infer.serve.guard`,
   which reads it); should the app not be reading, the connection is closed a second after that.
-- a request the parser refuses answered 400 in the documented JSON error shape (uvicorn's is plain text).
+- a request the parser refuses answered 400 in the documented JSON error shape (uvicorn's is plain text), also when
+  its headers were in but its framing (chunk sizes, a body longer than its Content-Length) is broken;
+- after a request answered before its body was read (401, 413, 415), the idle timer again once the body is in:
+  uvicorn's keep-alive timer is armed at the answer and cancelled by the body's bytes.
 
 Each refusal and timeout is counted (``fine_infer_connections_refused_total``,
 ``fine_infer_connection_timeouts_total{phase}``) and ``fine_infer_connections_open`` gauges the open ones.
@@ -59,7 +63,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # between requests, and until a request's headers are complete
-        self._header_bytes = 0
+        self._header_bytes = 0  # bytes of reads that left the head incomplete
+        self._parsed_bytes = 0  # bytes of the request line and headers the parser handed over
+        self._too_large = False
         self._started = False  # a byte of the current request has arrived
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------------
@@ -92,13 +98,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refuses: answered in the documented error shape (uvicorn's is plain text)."""
+        if self._too_large:  # the parser stopped because a callback below found the head over its budget
+            self._timeout_or_refuse("headers_too_large")
+            return
         self._close(_answer(400, "bad_request", f"malformed HTTP request ({msg.rstrip('.')})"))
 
     # --- httptools parser callbacks ---------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers, self._started, self._header_bytes = True, True, 0
+        self._in_headers, self._started, self._header_bytes, self._parsed_bytes = True, True, 0, 0
         self._arm(self.limits.read_timeout_s, "headers")
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._count_parsed(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._count_parsed(len(name) + len(value) + 4)  # ": " and CRLF
+
+    def _count_parsed(self, n: int) -> None:
+        self._parsed_bytes += n
+        if self._parsed_bytes > self.limits.max_header_bytes:
+            self._too_large = True
+            raise ValueError("headers too large")  # stops the parser: send_400_response answers 431
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
@@ -111,6 +134,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._in_headers, self._started = True, False
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+            self._arm(self.limits.idle_timeout_s, "idle")  # answered early; the body's bytes cancelled keep-alive
 
     # --- timers -----------------------------------------------------------------------------------------------------
     def _arm(self, seconds: float, phase: str) -> None:
@@ -139,9 +164,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._close(b"")
 
     def _close(self, answer: bytes) -> None:
-        # Answered only while no response is under way on this connection (the request refused has no cycle yet;
-        # the connection's previous one, if any, is complete unless requests were pipelined).
-        if answer and (self.cycle is None or self.cycle.response_complete):
+        # Answered only while no response is under way on this connection: the request refused has no cycle yet, or
+        # its cycle has not started answering (broken framing after the headers), or the previous one is complete.
+        cycle = self.cycle
+        if answer and (cycle is None or cycle.response_complete or not cycle.response_started):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True  # the app's own answer, if it comes, is not written after this one
             self.transport.write(answer)
         self.transport.close()  # a close after a write still sends what is buffered
 

@@ -145,4 +145,5 @@ class Limits:
             if limit is not None and tokenizer is not None and len(t.encode("utf-8")) + 2 > limit:
                 n = sum(tokenizer.encode(t).attention_mask)  # padding excluded
                 if n > limit:
-                    raise LimitExceeded("max_text_tokens", limit, f"text {i} has {n} tokens")
+                    raise LimitExceeded("max_text_tokens", limit, f"text {i} has {n} tokens; shorten it or send "
+                                        '"truncate": true to cut it')

@@ -223,3 +223,42 @@ def test_a_request_past_its_time_is_answered_504_and_the_server_goes_on(srv):
     assert r.json()["error"]["limit"] == "request_timeout_s"
     assert took < LIMITS.request_timeout_s + SLACK_S, took  # stopped at the next image, not after all 24
     assert small and small[0].status_code == 200
+
+
+def test_a_connection_answered_before_its_body_still_times_out_idle(srv):
+    # 415 is sent as soon as the headers are in; the body that follows used to cancel every timer on the connection,
+    # so a few such clients could hold max_connections for ever
+    with _connect(srv) as s:
+        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 415"), first
+        s.sendall(b'{"texts":["hello"]}')
+        raw, took = _read_until_closed(s)
+    assert took < LIMITS.idle_timeout_s + SLACK_S, took
+
+
+def test_broken_framing_after_the_headers_is_answered_400(srv):
+    with _connect(srv) as s:
+        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")  # "zz" is no chunk size
+        raw, _ = _read_until_closed(s)
+    status, headers, body = _status_and_json(raw)
+    assert status == 400 and headers["connection"] == "close" and body["error"]["type"] == "bad_request", raw
+
+
+def test_oversized_headers_in_one_read_are_answered_431(srv):
+    with _connect(srv) as s:  # the whole head at once: no read leaves it incomplete
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * (LIMITS.max_header_bytes + 2000) + b"\r\n\r\n")
+        raw, _ = _read_until_closed(s)
+    status, _, body = _status_and_json(raw)
+    assert status == 431 and body["error"]["limit"] == "max_header_bytes", raw
+    with _connect(srv) as s:  # a URL counts too
+        s.sendall(b"GET /healthz?" + b"q" * (LIMITS.max_header_bytes + 2000) + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw, _ = _read_until_closed(s)
+    assert _status_and_json(raw)[0] == 431
+
+
+def test_no_redirect_is_built_from_the_host_header(srv):
+    r = httpx.get(srv.url + "/healthz/", headers={"Host": "evil.example"}, follow_redirects=False,
+                  timeout=DEADLINE_S)
+    assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)

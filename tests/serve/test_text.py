@@ -65,7 +65,20 @@ def test_token_limits_and_truncation(ff):
 
     r = asyncio.run(go())
     assert r.status_code == 400 and r.json()["error"]["limit"] == "max_text_tokens"
-    assert r.json()["error"]["limit_value"] == 6
+    assert r.json()["error"]["limit_value"] == 6 and '"truncate": true' in r.json()["error"]["message"]
+
+    # truncate cuts to the server's limit, not the model's: the first 4 words and the end token (6 tokens here)
+    short = "a red dress with"
+    assert session.tokenize([short])[1].sum() == 6  # one token a word, plus the two special ones
+
+    async def cut():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/v1/embed", json={"texts": ["a red dress with long sleeves and a collar"],
+                                                   "truncate": True})
+
+    r = asyncio.run(cut())
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["embeddings"], session.embed_texts([short]), atol=1e-5)
 
 
 def test_text_search(ff):
