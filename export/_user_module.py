@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fine_infer.errors import ConfigError
+from fine_infer.errors import ConfigError, first_line
 from fine_infer.export._bundle_export import _export_jobs, _outputs, _probe_output_axes, _user_sampler
 from fine_infer.export.gates import GraphJob, InputSampler
 from fine_infer.export.report import ExportReport
@@ -254,6 +254,19 @@ def _check_task(name: str, task: str, example: dict[str, torch.Tensor], text, im
                               f"preprocessing crops; the example is {px.dtype} {tuple(px.shape)}")
 
 
+def _check_shared_axes(name: str, example: dict[str, torch.Tensor], axes: dict[str, dict[int, str]]) -> None:
+    """Dims that share an axis name (``batch`` included) share a size at run time: the example must agree."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for n, per in axes.items():
+        for dim, axis in sorted(per.items()):
+            size = int(example[n].shape[dim])
+            first = seen.setdefault(axis, (n, dim, size))
+            if first[2] != size:
+                raise ConfigError(f"graph {name!r}: dynamic axis {axis!r} is dim {first[1]} of {first[0]!r} (size "
+                                  f"{first[2]}) and dim {dim} of {n!r} (size {size}); dims sharing an axis name have "
+                                  f"one size at run time: name them apart (--dynamic-axis {n}:{dim}=OTHER)")
+
+
 def _graph_job(name: str, g: UserGraph, tokenizer, text, image, notes: dict[str, Any]) -> GraphJob:
     names = list(g.input_names or g.inputs)
     if len(names) != len(g.inputs) or len(set(names)) != len(names):
@@ -274,11 +287,17 @@ def _graph_job(name: str, g: UserGraph, tokenizer, text, image, notes: dict[str,
     if "input_ids" in TASK_INPUTS.get(task, ()):
         for n in TEXT_INPUTS:
             axes[n][1] = "sequence"  # the tokenizer decides the length
+    _check_shared_axes(name, example, axes)
     module: torch.nn.Module = _Positional(g.module, list(g.inputs)).eval()
     has_seq = any(a != "batch" for per in axes.values() for a in per.values())
     sampler = _task_sampler(task, tokenizer, text, image) if task in TASK_INPUTS else _user_sampler(example, axes)
     max_seq = text.max_length if task in TASK_INPUTS and text else (1 if has_seq else None)
-    outputs, out_axes = _probe_output_axes(module, names, example, axes)
+    try:
+        outputs, out_axes = _probe_output_axes(module, names, example, axes)
+    except Exception as exc:  # noqa: BLE001 - the user's module: one line
+        raise ConfigError(f"graph {name!r} fails on its example inputs or with a dynamic dim grown by one "
+                          f"({type(exc).__name__}: {first_line(exc)}): make dynamic only the dims the module can "
+                          "vary") from None
     if task in TASK_INPUTS:  # the bundle's own inputs must run, and embeddings must be unit rows
         feeds = sampler(3, max_seq, torch.Generator().manual_seed(0))
         try:

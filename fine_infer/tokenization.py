@@ -54,7 +54,14 @@ BUILTIN_WORDS: tuple[str, ...] = tuple(
 _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CLIP_SPECIALS = ("<pad>", "<|startoftext|>", "<|endoftext|>")
 _WORD_SPECIALS = ("<pad>", "<unk>")
-MAX_TEXT_CHARS = 4096  # the default bound on the work one string can cost before tokenizing
+MAX_TEXT_CHARS = 4096  # the default bound on the work one string can cost before tokenizing...
+CHARS_PER_TOKEN_BOUND = 16  # ...raised for long-context models to this many characters per token of their limit
+
+
+def default_max_chars(max_length: int) -> int:
+    """The default character bound for a model taking ``max_length`` tokens: :data:`MAX_TEXT_CHARS`, or more for a
+    model whose longest text (about 6 characters a token in English) would pass it, with room for texts to cut."""
+    return max(MAX_TEXT_CHARS, CHARS_PER_TOKEN_BOUND * max_length)
 
 
 def is_blank(text: str) -> bool:
@@ -352,7 +359,7 @@ def load_tokenizer(path: str | Path):
 
 
 def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False,
-           max_chars: int = MAX_TEXT_CHARS, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           max_chars: int | None = None, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Encode strings to ``(input_ids, attention_mask)``, both int64 of shape (batch, sequence).
 
     Each text is first cleaned and templated as ``spec`` says (``clean``, ``clean_args``, ``template``:
@@ -360,13 +367,16 @@ def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool
     than ``spec.max_length`` tokens is refused unless ``truncate`` is set
     (then it is cut, keeping the end token; for ``hf`` tokenizers the text's tokens are cut and every special token
     the template adds before and after them is kept, as the tokenizers library truncates), so a query is never
-    silently shortened. A text over ``max_chars`` characters is refused before any tokenizing work. ``max_tokens``
+    silently shortened. A text over ``max_chars`` characters (default :func:`default_max_chars` of the model's
+    limit) is refused before any tokenizing work. ``max_tokens``
     (at most ``spec.max_length``) lowers the limit that refuses or cuts; the padding stays the model's.
     """
     if isinstance(texts, str):
         texts = [texts]
     if len(texts) == 0:
         raise InputError("no texts given: pass at least one string")
+    if max_chars is None:
+        max_chars = default_max_chars(spec.max_length)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"text {i} is a {type(t).__name__}, not a string")

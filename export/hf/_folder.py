@@ -29,11 +29,16 @@ class Folder:
     transformer_path: Path | None = None  # sentence-transformers: the Transformer module's folder
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(path: Path, kind: type = dict) -> Any:
+    """``path``'s JSON, which must be a ``kind`` (an object, or for modules.json a list of objects)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})") from None
+    items = data if kind is list and isinstance(data, list) else [data]
+    if not isinstance(data, kind) or not all(isinstance(x, dict) for x in items):
+        want = "a list of objects" if kind is list else "an object"
+        raise ConfigError(f"{path} is not {want} as transformers / sentence-transformers write it")
     return data
 
 
@@ -50,8 +55,8 @@ def inspect_folder(path: str | Path) -> Folder:
                           f"{path} is not a folder")
     p = p.resolve()
     if (p / "modules.json").is_file():
-        modules = _json(p / "modules.json")
-        if not isinstance(modules, list) or not modules:
+        modules = _json(p / "modules.json", list)
+        if not modules:
             raise _unsupported(p, "modules.json lists no modules")
         kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
         odd = [k for k in kinds if k not in ST_MODULES]

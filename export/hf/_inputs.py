@@ -92,8 +92,9 @@ def sample_texts(rng: np.random.Generator, n: int, tokenizer, max_length: int, o
             lo, hi = max(min(129, max_length - 8), max_length // 2), max_length
         lo = min(lo, hi)
         out.append(text_of_tokens(rng, tokenizer, int(rng.integers(lo, hi + 1)), hi))
-    for _ in range(over):
-        out.append(text_of_tokens(rng, tokenizer, max_length + 1 + int(rng.integers(0, max_length)), 4 * max_length))
+    for _ in range(over):  # at most twice the limit: long enough to be cut, within the runtime's character bound
+        out.append(text_of_tokens(rng, tokenizer, max_length + 1 + int(rng.integers(0, max_length // 2 + 1)),
+                                  2 * max_length + 8))
     return out
 
 

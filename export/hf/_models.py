@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from fine_infer.errors import ConfigError
+from fine_infer.errors import ConfigError, FineInferError, first_line
 from fine_infer.export.gates import GraphJob
 from fine_infer.export.hf._folder import SUPPORTED, Folder
 from fine_infer.export.hf._inputs import image_sampler, text_sampler
@@ -137,6 +137,7 @@ def _sentence_transformers(folder: Folder) -> Source:
     mode = getattr(pooling, "pooling_mode", None)
     if mode is None and hasattr(pooling, "get_pooling_mode_str"):
         mode = pooling.get_pooling_mode_str()
+    _check_positions(folder, int(st.max_seq_length), getattr(getattr(stages[0], "auto_model", None), "config", None))
     tok, info = load_hf_tokenizer(folder.transformer_path)
     lower = bool(getattr(stages[0], "do_lower_case", False))
     if lower:  # sentence-transformers lowercases in Python before tokenizing: the bundle's tokenizer does it instead
@@ -166,6 +167,15 @@ def _sentence_transformers(folder: Folder) -> Source:
                   f"sentence-transformers {_version('sentence-transformers')}", embed,
                   versions={"transformers": _version("transformers"),
                             "sentence-transformers": _version("sentence-transformers")})
+
+
+def _check_positions(folder: Folder, max_seq_length: int, config: Any) -> None:
+    """``max_seq_length`` must fit the model's learned positions (a longer one fails deep inside the export)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_seq_length > positions:
+        raise ConfigError(f"--hf {folder.path}: max_seq_length {max_seq_length} (sentence_bert_config.json) is more "
+                          f"than the model's {positions} positions (max_position_embeddings); set it to at most "
+                          f"{positions}")
 
 
 def image_preprocess_from_processor(d: dict[str, Any], where: str = "the image processor") -> ImagePreprocess:
@@ -281,5 +291,16 @@ def _dual(folder: Folder) -> Source:
 
 
 def load_source(folder: Folder) -> Source:
-    """Load a folder classified by :func:`~fine_infer.export.hf._folder.inspect_folder` with its own library."""
-    return _sentence_transformers(folder) if folder.kind == "sentence-transformers" else _dual(folder)
+    """Load a folder classified by :func:`~fine_infer.export.hf._folder.inspect_folder` with its own library.
+
+    Whatever the library raises on a folder it cannot load (malformed configs or tokenizer, pickle-only weights that
+    ``weights_only`` refuses, a weights file that is not one, sizes that disagree with the weights) is one
+    :class:`ConfigError` naming the folder, the library and its message."""
+    library = "sentence-transformers" if folder.kind == "sentence-transformers" else "transformers"
+    try:
+        return _sentence_transformers(folder) if folder.kind == "sentence-transformers" else _dual(folder)
+    except FineInferError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the source library on a folder this process did not write
+        raise ConfigError(f"--hf {folder.path}: {library} cannot load it ({type(exc).__name__}: {first_line(exc)})"
+                          ) from exc

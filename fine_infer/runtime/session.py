@@ -13,7 +13,6 @@ from fine_infer.errors import BackendUnavailableError, BundleError, ConfigError,
 from fine_infer.preprocess import ImageInput, preprocess_images
 from fine_infer.runtime.base import Runner
 from fine_infer.runtime.buckets import plan_buckets, sequence_lengths
-from fine_infer.tokenization import MAX_TEXT_CHARS
 from fine_infer.runtime.choice import Choice, auto_choice
 from fine_infer.runtime.factory import make_runner
 from fine_infer.runtime.paths import BACKENDS, ExecPath
@@ -47,8 +46,9 @@ class Session:
         self._kernels = kernels
         self._threads = threads
         self._hint = hint
-        #: the longest text (characters) tokenize() takes; a server sets it from its limits
-        self.max_text_chars = MAX_TEXT_CHARS
+        #: the longest text (characters) tokenize() takes (None: the default for the model's token limit,
+        #: :func:`fine_infer.tokenization.default_max_chars`); a server sets it from its limits
+        self.max_text_chars: int | None = None
         self._runners: dict[str, Runner] = {}
         self._lane_runners: dict[tuple[str, int], Runner] = {}  # (graph, intra-op threads): the batcher's lanes
         self._lock = threading.Lock()

@@ -5,6 +5,8 @@ these bundles on their recorded references; unsupported folders refused in one l
 Tolerances: the bundle against sentence-transformers / transformers is asserted to 1e-5 max abs error per element
 (seen: ~2e-7 for MiniLM, ~3e-7 for the small CLIP and SigLIP) and min cosine 1 - 1e-6."""
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("transformers", reason="export --hf needs the 'hf' extra")
 pytest.importorskip("sentence_transformers", reason="export --hf needs the 'hf' extra")
@@ -339,6 +342,16 @@ def test_serve_embeds_and_searches_with_an_hf_bundle(clip, rng):
             assert r.status_code == 200, r.text
             scores, ids = index.search(session.embed_texts(["red dress"]), 3)
             assert [h["id"] for h in r.json()["hits"]] == [int(i) for i in ids[0]]
+            # clients never see where the model lives on this machine (the manifest's source is "hf:/abs/path")
+            folder = session.manifest.source.partition(":")[2]
+            assert folder.startswith("/")
+            schema = c.get("/openapi.json").text
+            assert folder not in schema and "hf:src" in schema
+            png = io.BytesIO()
+            Image.fromarray(images[0]).save(png, format="PNG")
+            r = c.post("/v1/classify", json={"images": [base64.b64encode(png.getvalue()).decode()]})
+            assert r.status_code == 400 and "cannot classify" in r.text, r.text
+            assert folder not in r.text and str(out) not in r.text, r.text
 
 
 def test_unsupported_folders_are_one_line_errors(tmp_path):
@@ -355,3 +368,64 @@ def test_unsupported_folders_are_one_line_errors(tmp_path):
                                                    "type": "sentence_transformers.models.CNN"}]))
     with pytest.raises(ConfigError, match="module.s. CNN are not supported"):
         export_hf(odd, tmp_path / "d")
+
+
+def test_a_512_token_sentence_model_exports_and_embeds_its_longest_texts(tmp_path, rng):
+    # 512 positions, max_seq_length 512 (common for BERT-family sentence models): the gates' long texts used to pass
+    # the runtime's 4096-character bound and failed every such export
+    from sentence_transformers import SentenceTransformer
+
+    folder = hf_models.build_sentence_bert(tmp_path / "st", "mean", normalize=True, max_seq_length=512,
+                                           positions=512)
+    export_hf(folder, tmp_path / "b", texts=6, images=0)
+    session = fine_infer.load(tmp_path / "b")
+    assert session.manifest.text.max_length == 512
+    texts = sample_texts(rng, 6, session.tokenizer, 512)
+    assert max(len(t) for t in texts) > 2000 and int(session.tokenize(texts)[1].sum(1).max()) > 400
+    _close(session.embed_texts(texts), SentenceTransformer(str(folder), device="cpu").encode(
+        texts, normalize_embeddings=True))
+
+
+def test_hostile_or_malformed_folders_are_one_line_errors_and_run_nothing(tmp_path):
+    import pickle
+
+    base = hf_models.build_sentence_bert(tmp_path / "st", "mean", normalize=True)
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        change(folder)
+        return folder
+
+    def write(rel, value):
+        return lambda f: (f / rel).write_text(value if isinstance(value, str) else json.dumps(value))
+
+    def pickled_weights(f):
+        (f / "model.safetensors").unlink()
+        (f / "pytorch_model.bin").write_bytes(pickle.dumps({"embeddings.word_embeddings.weight": Payload()}))
+
+    def positions(f):
+        cfg = json.loads((f / "sentence_bert_config.json").read_text())
+        (f / "sentence_bert_config.json").write_text(json.dumps({**cfg, "max_seq_length": 100}))
+
+    cases = {
+        "config_list": (write("config.json", [1, 2]), "is not an object"),
+        "modules_strings": (write("modules.json", ["Transformer", "Pooling"]), "is not a list of objects"),
+        "tokenizer_truncated": (write("tokenizer.json", '{"version": "1.0", "trunc'), "cannot load it"),
+        "pickle_weights": (pickled_weights, "cannot load it"),
+        "max_seq_over_positions": (positions, "max_seq_length 100 (sentence_bert_config.json) is more than the "
+                                              "model's 64 positions"),
+    }
+    for name, (change, needle) in cases.items():
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            export_hf(variant(name, change), tmp_path / f"out-{name}", texts=6, images=0)
+        assert not (tmp_path / f"out-{name}").exists()
+    assert not marker.exists()  # the pickle payload never ran
+    r = _cli("export", "--hf", str(tmp_path / "pickle_weights"), "--out", str(tmp_path / "cli-out"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "cannot load it" in r.stderr, r.stderr
+    assert not marker.exists()

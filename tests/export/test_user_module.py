@@ -226,3 +226,29 @@ def test_validate_gates_a_user_bundle_on_its_reference_outputs(user_bundle, tmp_
     assert report["graphs"]["model"]["references"]["batches"] == [1, 3, 8]
     gate = read_bundle(copy).manifest.validation["cpu_gates"]["onnxruntime"]
     assert gate["passed"] and gate["inputs"] == "recorded" and gate["graphs"]["model"]["max_abs"] < 1e-5
+
+
+class _Cat(torch.nn.Module):
+    """Joins two sequences along time: their other dims must agree, their lengths need not."""
+
+    def forward(self, a, b):
+        return torch.cat([a, b], dim=1).mean(dim=1)
+
+
+def test_dynamic_axes_the_module_or_its_example_cannot_honour_are_one_line_errors(tmp_path):
+    a, b = torch.randn(2, 5, 4), torch.randn(2, 7, 4)
+    # both dim-1 axes default to the name "sequence", which ties them to one size: the example says otherwise
+    with pytest.raises(ConfigError, match="dynamic axis 'sequence' is dim 1 of 'a' .size 5. and dim 1 of 'b' .size 7."):
+        export_module(_Cat(), {"a": a, "b": b}, tmp_path / "x", dynamic_axes=parse_dynamic_axes(["a:1", "b:1"]))
+    with pytest.raises(ConfigError, match="dynamic axis 'batch'"):
+        export_module(_Cat(), {"a": a, "b": b}, tmp_path / "x", dynamic_axes=parse_dynamic_axes(["a:2=batch"]))
+    # named apart they are fine, and the bundle runs at the example's own shapes
+    report = export_module(_Cat(), {"a": a, "b": b}, tmp_path / "ok",
+                           dynamic_axes=parse_dynamic_axes(["a:1=len_a", "b:1=len_b"]))
+    assert report.graphs
+    got = fine_infer.load(tmp_path / "ok").run("model", {"a": a.numpy(), "b": b.numpy()})
+    np.testing.assert_allclose(next(iter(got.values())), _Cat()(a, b).numpy(), atol=1e-5)
+    # a dim the module cannot vary (Linear's input features) made dynamic: one line, not a traceback
+    with pytest.raises(ConfigError, match="fails on its example inputs or with a dynamic dim grown by one"):
+        export_module(torch.nn.Linear(4, 3), {"x": a}, tmp_path / "y", dynamic_axes=parse_dynamic_axes(["x:2"]))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
