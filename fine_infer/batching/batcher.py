@@ -354,8 +354,19 @@ class DynamicBatcher:
         return [(r, mine, None) for r, mine in zip(group, parts)]
 
     def _run_one(self, graph: str, r: _Request) -> Answer:
+        """Run one request; one larger than the batch size runs in batch-size slices, and stops between them once its
+        caller has gone (a request past its time would otherwise hold the lane for its whole length)."""
+        limit = self.max_batch_size(graph) or r.rows
+        threads = self._lane_threads(graph)
         try:
-            return r, self._run(graph, r.feeds, self._lane_threads(graph)), None
+            if r.rows <= limit or graph in self._unbatchable:
+                return r, self._run(graph, r.feeds, threads), None
+            parts = []
+            for lo in range(0, r.rows, limit):
+                if parts and not r.wanted():
+                    return r, None, RuntimeError("the caller went away")  # answered to nobody
+                parts.append(self._run(graph, {k: v[lo:lo + limit] for k, v in r.feeds.items()}, threads))
+            return r, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, None
         except Exception as exc:  # noqa: BLE001
             return r, None, exc
 

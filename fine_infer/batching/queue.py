@@ -51,6 +51,14 @@ class Request:
             return not self.afut.cancelled()  # a disconnected HTTP client's request is not run
         return not self.abandoned
 
+    def wanted(self) -> bool:
+        """Whether the caller still waits for the answer (checked between the runs of a request split in several)."""
+        if self.future is not None:
+            return not self.future.cancelled()
+        if self.afut is not None:
+            return not self.afut.cancelled()
+        return not self.abandoned
+
     def wait(self, timeout: float | None) -> Any:
         """The blocking caller's side: this request's answer, or its exception raised."""
         assert self.lock is not None

@@ -433,3 +433,29 @@ def test_example_feeds_and_repeat_rows():
     g = repeat_rows(f, 7)
     assert g["input_ids"].shape == (7, 5)
     np.testing.assert_array_equal(g["input_ids"][3:6], f["input_ids"])
+
+
+def test_a_request_over_the_batch_size_runs_in_slices_and_stops_once_cancelled(session):
+    rng = np.random.default_rng(11)
+    texts = [" ".join(rng.choice(WORDS, int(rng.integers(1, 13)))) for _ in range(8)]
+    ids, mask = session.tokenize(texts)
+    big = {"pixels": rng.standard_normal((8, 3, 64, 64)).astype(np.float32), "input_ids": ids,
+           "attention_mask": mask}
+    proxy = _Proxy(session, delay_s=0.2)
+    with DynamicBatcher(proxy, BatchSettings(max_batch_size=2, max_delay_ms=0)) as b:
+        out = b.run("compose", big, timeout=DEADLINE_S)
+        assert [c[1]["pixels"].shape[0] for c in proxy.calls] == [2, 2, 2, 2]  # never more than the batch size
+        np.testing.assert_allclose(out["embedding"], session.run("compose", big)["embedding"], atol=1e-5)
+
+        proxy.calls.clear()
+
+        async def cancelled_after_the_first_slice():
+            t = asyncio.ensure_future(b.run_async("compose", big))
+            await asyncio.sleep(0.1)  # inside the first 0.2 s slice
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+
+        asyncio.run(cancelled_after_the_first_slice())
+        time.sleep(1.0)  # what would be left of the request: 3 more slices, 0.6 s
+    assert len(proxy.calls) == 1, [c[1]["pixels"].shape for c in proxy.calls]
