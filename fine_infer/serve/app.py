@@ -413,13 +413,14 @@ def create_app(session: Any, index: Any | None = None, *, batching: BatchSetting
         """The arch, graphs and their batch sizes, the index size and the request limits."""
         return _json(state.info())
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
     async def healthz() -> Response:
         """200 while the process answers."""
         return _json({"status": "ok"})
 
-    @app.get("/readyz", summary="Readiness: bundle loaded and warmed up, index loaded",
-             responses={503: {"model": schemas.ErrorResponse}})
+    @app.api_route("/readyz", methods=["GET", "HEAD"],
+                   summary="Readiness: bundle loaded and warmed up, index loaded",
+                   responses={503: {"model": schemas.ErrorResponse}})
     async def readyz() -> Response:
         """200 once the bundle is warmed up and calibrated and the index loaded; 503 before, and while draining."""
         if state.ready and not state.draining:

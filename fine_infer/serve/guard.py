@@ -58,6 +58,7 @@ class Guard:
         self.state = state
         self.paths = paths  # label requests answered before routing (401, 413) by path when it is a known one
         self.admitted = 0  # work requests with their body in, being served now (the event loop's only: no lock)
+        self.held = 0  # body bytes received by requests not finished yet (the event loop's only: no lock)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -78,6 +79,17 @@ class Guard:
 
         admitted = False
         timer = asyncio.timeout(lim.request_timeout_s)
+        held = 0  # this request's share of self.held
+
+        def hold(n: int) -> None:
+            """Count ``n`` more body bytes held; refuse (503) past max_body_bytes_held over all requests."""
+            nonlocal held
+            held += n
+            self.held += n
+            if self.held > lim.max_body_bytes_held:
+                raise LimitExceeded("max_body_bytes_held", lim.max_body_bytes_held, "the server holds too many "
+                                    f"request bodies at once; retry after {RETRY_AFTER_S} s", 503,
+                                    headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
         def admit() -> None:
             """Called once the body is in: a slow upload holds a connection (read_timeout_s bounds it), not a place
@@ -109,7 +121,7 @@ class Guard:
                     return
             work = scope["method"] == "POST" and path.startswith(WORK_PREFIX)
             async with timer:
-                await self.app(scope, _guarded_receive(receive, lim, admit if work else None), send_wrapper)
+                await self.app(scope, _guarded_receive(receive, lim, hold, admit if work else None), send_wrapper)
         except TimeoutError:
             if not timer.expired():
                 raise
@@ -131,6 +143,7 @@ class Guard:
                 await send_error(send_wrapper, ServeError(f"internal error ({type(exc).__name__})", status=500,
                                                           type="internal"))
         finally:
+            self.held -= held
             if admitted:
                 self.admitted -= 1
             st.metrics.in_flight.dec()
@@ -154,10 +167,10 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
-def _guarded_receive(receive: Any, limits: Limits, admit: Any = None) -> Any:
+def _guarded_receive(receive: Any, limits: Limits, hold: Any, admit: Any = None) -> Any:
     """A receive() that refuses a body growing past ``max_body_bytes`` while it streams (chunked bodies have no
-    length), and one not all arrived within ``read_timeout_s`` of the headers (408); once the body is in, ``admit()``
-    (which may refuse: 429)."""
+    length), and one not all arrived within ``read_timeout_s`` of the headers (408); each chunk is counted by
+    ``hold(bytes)`` (which may refuse: 503); once the body is in, ``admit()`` (which may refuse: 429)."""
     seen = 0
     done = False
     deadline = time.monotonic() + limits.read_timeout_s
@@ -172,8 +185,10 @@ def _guarded_receive(receive: Any, limits: Limits, admit: Any = None) -> Any:
         except TimeoutError:
             raise ReadTimeout(limits.read_timeout_s) from None
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
+            chunk = len(message.get("body", b""))
+            seen += chunk
             limits.check_body_length(seen)
+            hold(chunk)
             done = not message.get("more_body", False)
             if done and admit is not None:
                 admit()

@@ -73,6 +73,9 @@ class Limits:
     max_connections: int = 1000  # open connections; more are answered 503 and closed at once
     max_queue: int = 256  # /v1 requests in progress with their body in (decoded, queued or run); more: 429
     max_header_bytes: int = 64 * 1024  # a request's headers (the parser sets no bound of its own): more: 431
+    # request bodies held in memory at once, over every request (received, or being received): more: 503. Without
+    # it, max_connections bodies of max_body_bytes each (16 GB by default) could be held together
+    max_body_bytes_held: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -22,6 +22,9 @@ def client(server):
 def test_health_ready_info_and_schema(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
+    for path in ("/healthz", "/readyz"):  # load balancers probe with HEAD too
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
     info = client.get("/v1/info").json()
     assert info["arch"] == "maaf" and info["tasks"] == ["compose", "embed_image"]
     assert all(g["max_batch_size"] >= 1 for g in info["graphs"].values())  # calibrated at start-up

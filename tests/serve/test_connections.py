@@ -262,3 +262,26 @@ def test_no_redirect_is_built_from_the_host_header(srv):
     r = httpx.get(srv.url + "/healthz/", headers={"Host": "evil.example"}, follow_redirects=False,
                   timeout=DEADLINE_S)
     assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)
+
+
+def test_bodies_held_at_once_are_bounded_over_all_requests(maaf_bundle):
+    limits = dataclasses.replace(LIMITS, max_body_bytes=200_000, max_body_bytes_held=300_000, read_timeout_s=5.0)
+    app = create_app(fine_infer.load(maaf_bundle), batching=BatchSettings(max_batch_size=1), limits=limits)
+    head = (b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n")
+    with ServerThread(app) as srv:
+        srv.wait_ready(timeout=DEADLINE_S)
+        a, b = _connect(srv), _connect(srv)
+        try:
+            a.sendall(head + b" " * 160_000)  # each under max_body_bytes, together over max_body_bytes_held
+            time.sleep(0.5)
+            b.sendall(head + b" " * 160_000)
+            b.settimeout(limits.read_timeout_s)
+            status, headers, body = _status_and_json(b.recv(65536))
+            assert status == 503 and body["error"]["limit"] == "max_body_bytes_held", body
+            assert headers["retry-after"] and headers["connection"] == "close"
+        finally:
+            a.close()
+            b.close()
+        time.sleep(0.5)  # a's bytes are given back when its request ends
+        r = httpx.post(srv.url + "/v1/embed", json={"images": [b64(png())]}, timeout=DEADLINE_S)
+        assert r.status_code == 200, r.text
