@@ -125,7 +125,8 @@ def load_image(x: ImageInput, index: int = 0, alpha: str = "drop", *,
     elif isinstance(x, (str, os.PathLike)):
         p = Path(x)
         if not p.is_file():
-            raise InputError(f"{what} does not exist")
+            raise InputError(f"{what} is not a regular file (a folder, device or pipe)" if p.exists() else
+                             f"{what} does not exist")
         size = p.stat().st_size
         if size > MAX_IMAGE_BYTES:
             raise InputError(f"{what} is {size} bytes; the limit is {MAX_IMAGE_BYTES}")

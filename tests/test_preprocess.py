@@ -63,6 +63,9 @@ def test_corrupt_and_truncated_images_are_clear_errors(tmp_path, rng):
         load_image(b"")
     with pytest.raises(InputError, match="does not exist"):
         load_image(tmp_path / "missing.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_image(tmp_path / "folder.png")
     with pytest.raises(InputError, match="uint8"):
         load_image(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(InputError, match="shape"):
