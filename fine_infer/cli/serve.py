@@ -96,8 +96,8 @@ _LIMIT_HELP = {
     "max_queue": ("N", "/v1 requests in progress at most once their body is in (decoded, queued or run): more are "
                        "answered 429 with Retry-After"),
     "max_header_bytes": ("BYTES", "largest request head, request line and headers (431 beyond)"),
-    "max_body_bytes_held": ("BYTES", "request bodies held in memory at once, summed over every request being "
-                                     "received or served: more are answered 503 with Retry-After"),
+    "max_body_bytes_held": ("BYTES", ("request bodies held in memory at once, summed over every request being "
+                                      "received or served: more are answered 503 with Retry-After")),
 }
 
 

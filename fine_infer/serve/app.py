@@ -196,7 +196,8 @@ class _Handlers:
         rows = [await anyio.to_thread.run_sync(self._preprocess, data, i, limiter=lim) for i, data in enumerate(raw)]
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
-    def _texts(self, texts: list[str], truncate: bool) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    def _texts(self, texts: list[str], truncate: bool,
+               field: str = "texts") -> tuple[dict[str, np.ndarray], list[str] | None]:
         """Check ``texts`` against the limits. Returns ``(feeds, texts)``: normally ``({}, texts)``, for the batcher
         to tokenize in its worker with the batch's other texts (each tokenizer call on the event loop gives up the
         GIL and must win it back, which under load costs more than the tokenizing); tokenized here
@@ -209,15 +210,15 @@ class _Handlers:
         limit = lim.text_token_limit(m.max_length)
         below = limit is not None and limit < m.max_length  # the server's limit is stricter than the model's
         if truncate:
-            lim.check_chars(texts)  # blank or over max_text_chars: refused; over the token limit: cut (to the lower)
+            lim.check_chars(texts, field)  # blank or over max_text_chars: refused; over the token limit: cut (to the lower)
             if not below:
                 return {}, texts
             ids, mask = s.tokenize(texts, truncate=True, max_tokens=limit)
             return {"input_ids": ids, "attention_mask": mask}, None
-        lim.check_texts(texts, None, m.max_length)  # empty and over-long (characters) texts, without tokenizing
+        lim.check_texts(texts, None, m.max_length, field)  # empty and over-long (characters) texts, without tokenizing
         if not below:
             return {}, texts  # the tokenizer itself refuses a text over the model's maximum (see _run)
-        lim.check_texts(texts, s.tokenizer, m.max_length)
+        lim.check_texts(texts, s.tokenizer, m.max_length, field)
         ids, mask = s.tokenize(texts)
         return {"input_ids": ids, "attention_mask": mask}, None
 
@@ -232,20 +233,20 @@ class _Handlers:
             raise
 
     async def _embed(self, images: list[bytes | str] | None, texts: list[str] | None,
-                     truncate: bool) -> tuple[np.ndarray, str]:
+                     truncate: bool, field: str = "texts") -> tuple[np.ndarray, str]:
         if images and texts:
             if len(images) != len(texts):
                 raise ServeError(f"a composed query needs one text per image; got {len(images)} images and "
                                  f"{len(texts)} texts")
             spec = self._graph("compose")
-            feeds, to_tokenize = self._texts(texts, truncate)
+            feeds, to_tokenize = self._texts(texts, truncate, field)
             feeds["pixels"] = await self._pixels(images)
         elif images:
             spec = self._graph("embed_image")
             feeds, to_tokenize = {"pixels": await self._pixels(images)}, None
         elif texts:
             spec = self._graph("embed_text")
-            feeds, to_tokenize = self._texts(texts, truncate)
+            feeds, to_tokenize = self._texts(texts, truncate, field)
         else:
             raise ServeError("give texts, images or both", type="invalid_input")
         out = await self._run(spec, feeds, to_tokenize, truncate)
@@ -280,7 +281,7 @@ class _Handlers:
             raise ServeError("give 'text', 'image' or both")
         images = [body.image] if body.image is not None else None
         texts = [body.text] if body.text is not None else None
-        vectors, graph = await self._embed(images, texts, body.truncate)
+        vectors, graph = await self._embed(images, texts, body.truncate, "text")
         if len(index) >= INDEX_THREAD_MIN and self.st.searcher is not None:  # off the event loop, batched
             scores, ids = await self.st.searcher.search(vectors, body.k)
         else:

@@ -130,17 +130,18 @@ class Limits:
             return model_max
         return self.max_text_tokens if model_max is None else min(self.max_text_tokens, model_max)
 
-    def check_chars(self, texts: list[str]) -> None:
-        """Refuse blank texts (:func:`~fine_infer.tokenization.is_blank`) and texts over ``max_text_chars``."""
+    def check_chars(self, texts: list[str], field: str = "texts") -> None:
+        """Refuse blank texts (:func:`~fine_infer.tokenization.is_blank`) and texts over ``max_text_chars``. ``field``:
+        the request's field holding them (``texts``, a list; or ``text``, one string), named in the error."""
         for i, t in enumerate(texts):
             if is_blank(t):
-                raise ServeError(blank_text_message(i), field=f"texts[{i}]")
+                raise ServeError(blank_text_message(i), field=f"texts[{i}]" if field == "texts" else field)
             if len(t) > self.max_text_chars:
                 raise LimitExceeded("max_text_chars", self.max_text_chars, f"text {i} has {len(t)} characters")
 
-    def check_texts(self, texts: list[str], tokenizer: Any, model_max: int | None) -> None:
+    def check_texts(self, texts: list[str], tokenizer: Any, model_max: int | None, field: str = "texts") -> None:
         """Refuse blank texts, texts over ``max_text_chars`` and texts over the token limit."""
-        self.check_chars(texts)
+        self.check_chars(texts, field)
         limit = self.text_token_limit(model_max)
         for i, t in enumerate(texts):
             # Every token covers at least one UTF-8 byte, and a tokenizer adds at most 2 special tokens:

@@ -418,8 +418,8 @@ def test_hostile_or_malformed_folders_are_one_line_errors_and_run_nothing(tmp_pa
         "modules_strings": (write("modules.json", ["Transformer", "Pooling"]), "is not a list of objects"),
         "tokenizer_truncated": (write("tokenizer.json", '{"version": "1.0", "trunc'), "cannot load it"),
         "pickle_weights": (pickled_weights, "cannot load it"),
-        "max_seq_over_positions": (positions, "max_seq_length 100 (sentence_bert_config.json) is more than the "
-                                              "model's 64 positions"),
+        "max_seq_over_positions": (positions, ("max_seq_length 100 (sentence_bert_config.json) is more than the "
+                                               "model's 64 positions")),
     }
     for name, (change, needle) in cases.items():
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):

@@ -233,7 +233,7 @@ def test_a_connection_answered_before_its_body_still_times_out_idle(srv):
         first = s.recv(65536)
         assert first.startswith(b"HTTP/1.1 415"), first
         s.sendall(b'{"texts":["hello"]}')
-        raw, took = _read_until_closed(s)
+        _, took = _read_until_closed(s)
     assert took < LIMITS.idle_timeout_s + SLACK_S, took
 
 

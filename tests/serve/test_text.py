@@ -90,3 +90,8 @@ def test_text_search(ff):
     assert [h["id"] for h in r.json()["hits"]] == [int(i) for i in ids[0]]
     np.testing.assert_allclose([h["score"] for h in r.json()["hits"]], scores[0], atol=1e-5)
     assert r.json()["hits"][0]["metadata"] == index.get_metadata(int(ids[0][0]))
+    with httpx.Client(base_url=srv.url, timeout=DEADLINE_S) as c:
+        r = c.post("/v1/search", json={"text": "  ", "k": 3})  # the error names the request's own field
+        assert r.status_code == 400 and r.json()["error"]["field"] == "text", r.text
+        r = c.post("/v1/embed", json={"texts": ["a dress", "  "]})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "texts[1]", r.text
