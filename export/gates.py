@@ -16,12 +16,14 @@ at module level: gating a bundle on its recorded references needs numpy and a ba
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from fine_infer.bundle.paths import bundle_path
 from fine_infer.bundle.variants import ort_session_kwargs
 from fine_infer.compare import Tolerance, compare
 from fine_infer.errors import BundleError
@@ -236,6 +238,7 @@ def summarize(rows: list[dict]) -> dict:
 
 REFERENCES_FILE = "references.npz"
 REFERENCES_KEY = "references"  # manifest.validation[REFERENCES_KEY]: the file, its seed and what it holds
+MAX_REFERENCES_BYTES = 256 << 20  # all arrays of a references file, decompressed (a real one: a few MB)
 REFERENCE_SEED = 0
 REFERENCE_BUDGET = 4 << 20  # bytes of recorded inputs for the whole bundle; big image towers record fewer rows
 _BATCH_PLANS = ((1, 3, 8), (1, 2, 4), (1, 2), (1,))
@@ -289,9 +292,13 @@ def read_references(folder: str | Path, manifest) -> dict[str, tuple[GraphJob, l
     block = (manifest.validation or {}).get(REFERENCES_KEY) or {}
     if not block.get("file"):
         return {}
-    path = Path(folder) / block["file"]
+    if block["file"] not in manifest.files:  # only a checksummed file: this one is compared against
+        raise BundleError(f"the references file {block['file']!r} is not among the bundle's checksummed files; "
+                          "re-export the bundle")
+    path = bundle_path(folder, block["file"], "validation.references.file")
     out: dict[str, tuple[GraphJob, list[Sample]]] = {}
     try:
+        _check_npz_sizes(path)
         with np.load(os.fspath(path), allow_pickle=False) as data:
             for name, rec in block.get("graphs", {}).items():
                 spec = manifest.graphs[name].spec
@@ -302,7 +309,24 @@ def read_references(folder: str | Path, manifest) -> dict[str, tuple[GraphJob, l
                     for i, (b, q) in enumerate(zip(rec["batches"], rec["sequences"]))
                 ]
                 out[name] = (job, samples)
-    except (OSError, KeyError, ValueError) as exc:
-        raise BundleError(f"{path} does not hold the references its manifest lists ({type(exc).__name__}: {exc}); "
-                          "re-export the bundle") from None
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, MemoryError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path} does not hold the references its manifest lists ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); re-export the bundle") from None
     return out
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse a references file whose arrays decompress past :data:`MAX_REFERENCES_BYTES`, or whose array headers
+    declare more data than their member holds (numpy allocates what the header says before reading)."""
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            total += info.file_size
+            if total > MAX_REFERENCES_BYTES:
+                raise ValueError(f"its arrays hold more than {MAX_REFERENCES_BYTES} bytes")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else
+                                   np.lib.format.read_array_header_2_0(f))
+                if int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"{info.filename} declares shape {shape}, more than it holds")

@@ -7,6 +7,7 @@ images and strings become those inputs; they are written to the bundle manifest 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +15,45 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# What a manifest (a file from elsewhere) may ask for: each ``from_dict`` checks types and ranges and raises
+# ValueError naming the field, so a hostile value is refused when read, not met as a 21 GB allocation later.
+MAX_IMAGE_SIDE = 8192
+MAX_TEXT_TOKENS = 65536
+MAX_DIM = 1 << 31
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+TOKENIZERS = ("wordpiece", "bpe", "word", "hf")
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _need(ok: bool, what: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{what}, not {value!r}"[:200])
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = d[key]
+    _need(type(v) is int and lo <= v <= hi, f"{key} must be an integer in {lo}..{hi}", v)
+    return v
+
+
+def _one_of(d: dict[str, Any], key: str, options: tuple[str, ...]) -> str:
+    v = d[key]
+    _need(isinstance(v, str) and v in options, f"{key} must be one of {', '.join(options)}", v)
+    return v
+
+
+def _finite3(d: dict[str, Any], key: str, positive: bool = False) -> tuple[float, float, float]:
+    v = d[key]
+    ok = (isinstance(v, (list, tuple)) and len(v) == 3
+          and all(type(x) in (int, float) and math.isfinite(x) and (x > 0 or not positive) for x in v))
+    _need(ok, f"{key} must be 3 finite{' positive' if positive else ''} numbers", v)
+    return float(v[0]), float(v[1]), float(v[2])
+
+
+def _object(d: Any, what: str) -> dict[str, Any]:
+    _need(isinstance(d, dict), f"{what} must be an object", type(d).__name__)
+    return d
 
 
 @dataclass(frozen=True)
@@ -29,7 +69,15 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        """Read (and check) a manifest's entry."""
+        _object(d, "a tensor")
+        _need(isinstance(d["name"], str), "a tensor name must be a string", d["name"])
+        _one_of(d, "dtype", DTYPES)
+        shape = d["shape"]
+        _need(isinstance(shape, list) and len(shape) <= 8 and all(
+            (type(x) is int and 0 <= x <= MAX_DIM) or (isinstance(x, str) and x) for x in shape),
+            f"shape of {d['name']} must be up to 8 sizes or axis names", shape)
+        return cls(d["name"], d["dtype"], tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -58,6 +106,12 @@ class GraphSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        """Read (and check) a manifest's graph entry."""
+        _object(d, "a graph")
+        for key in ("name", "task"):
+            _need(isinstance(d[key], str), f"graph {key} must be a string", d[key])
+        for key in ("inputs", "outputs"):
+            _need(isinstance(d[key], list), f"graph {key} must be a list", d[key])
         return cls(
             d["name"],
             d["task"],
@@ -95,7 +149,20 @@ class ImagePreprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocess":
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        """Read (and check) a manifest's image preprocessing."""
+        d = dict(_object(d, "preprocess.image"))
+        _int(d, "size", 1, MAX_IMAGE_SIDE)
+        _need(_int(d, "crop", 1, MAX_IMAGE_SIDE) <= d["size"], "crop must be at most size", d["crop"])
+        _one_of(d, "resize", ("shorter", "exact"))
+        _one_of(d, "interpolation", INTERPOLATIONS)
+        d["mean"], d["std"] = _finite3(d, "mean"), _finite3(d, "std", positive=True)
+        for key, options in (("crop_rounding", ("round", "floor")), ("alpha", ("drop", "white"))):
+            if key in d:
+                _one_of(d, key, options)
+        if "rescale" in d:
+            v = d["rescale"]
+            _need(type(v) in (int, float) and math.isfinite(v) and v > 0, "rescale must be a positive number", v)
+        return cls(**d)
 
 
 _IMAGE_OPTIONAL = {"crop_rounding": "round", "rescale": 1 / 255, "alpha": "drop"}
@@ -145,6 +212,23 @@ class TextPreprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextPreprocess":
+        """Read (and check) a manifest's text preprocessing."""
+        _object(d, "preprocess.text")
+        _one_of(d, "tokenizer", TOKENIZERS)
+        _int(d, "max_length", 1, MAX_TEXT_TOKENS)
+        if "padding" in d:
+            _one_of(d, "padding", ("longest", "max_length"))
+        for key in ("pad_id", "first_word_id"):
+            if key in d:
+                _int(d, key, 0, MAX_DIM)
+        if "lowercase" in d:
+            _need(isinstance(d["lowercase"], bool), "lowercase must be true or false", d["lowercase"])
+        for key in ("extra", "clean_args"):
+            if key in d:
+                _object(d[key], key)
+        for key in ("template", "clean"):
+            if d.get(key) is not None:
+                _need(isinstance(d[key], str), f"{key} must be a string", d[key])
         return cls(**d)
 
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fine_infer.errors import ConfigError, InputError
+from fine_infer.errors import BundleError, ConfigError, InputError, first_line
 from fine_infer.specs import TextPreprocess
 from fine_infer.textclean import apply_conventions
 
@@ -351,11 +351,22 @@ def hf_text_preprocess(tokenizer, info: dict, max_length: int, padding: str = "l
                           first_word_id=max(low) + 1 if low else 0, lowercase=bool(lowercase))
 
 
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest real tokenizer.json files are tens of MB
+
+
 def load_tokenizer(path: str | Path):
-    """Read a ``tokenizer.json`` written by :func:`save_tokenizer`."""
+    """Read a ``tokenizer.json`` (written by :func:`save_tokenizer`, or a bundle's: a file from elsewhere, so any
+    failure of the tokenizers library is a :class:`BundleError` naming the file)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise BundleError(f"{path} is {size} bytes, more than a tokenizer can be ({MAX_TOKENIZER_BYTES}); refusing it")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a malformed file
+        raise BundleError(f"{path} is not a readable tokenizer.json ({first_line(exc, 200)})") from None
 
 
 def encode(tokenizer, texts: Sequence[str], spec: TextPreprocess, truncate: bool = False,

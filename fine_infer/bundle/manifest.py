@@ -120,9 +120,11 @@ class Manifest:
         if self.weights is not None:
             yield "weights", self.weights
         v = self.validation if isinstance(self.validation, dict) else {}
-        tune, trt = v.get("tune"), v.get("tensorrt")
+        tune, trt, refs = v.get("tune"), v.get("tensorrt"), v.get("references")
         if isinstance(tune, dict) and tune.get("file") is not None:
             yield "validation.tune.file", tune["file"]
+        if isinstance(refs, dict) and refs.get("file") is not None:
+            yield "validation.references.file", refs["file"]
         if isinstance(trt, dict):
             if trt.get("timing_cache") is not None:
                 yield "validation.tensorrt.timing_cache", trt["timing_cache"]
@@ -140,13 +142,30 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        """Read a manifest's JSON object; a field of the wrong type or out of range raises ValueError naming it
+        (:func:`fine_infer.bundle.read_manifest` turns it into a :class:`BundleError`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the manifest must be a JSON object, not {type(d).__name__}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise BundleError(
                 f"bundle format version {version!r} is not supported by this fine-infer (reads {FORMAT_VERSION}); "
                 "re-export the bundle with this version"
             )
         pre = d.get("preprocess") or {}
+        for key, value, kind in (("graphs", d["graphs"], dict), ("files", d["files"], dict), ("preprocess", pre, dict),
+                                 ("config", d.get("config") or {}, dict), ("versions", d.get("versions", {}), dict),
+                                 ("validation", d.get("validation", {}), dict),
+                                 ("class_labels", d.get("class_labels") or {}, dict)):
+            if not isinstance(value, kind):
+                raise ValueError(f"{key} must be a JSON object, not {type(value).__name__}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in d["files"].items()):
+            raise ValueError("files must map file names to sha256 strings")
+        for key in ("arch", "preset", "source", "tokenizer", "weights"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise ValueError(f"{key} must be a string, not {type(d[key]).__name__}")
+        if d.get("embed_dim") is not None and (type(d["embed_dim"]) is not int or not 0 < d["embed_dim"] < 1 << 20):
+            raise ValueError(f"embed_dim must be a positive integer, not {d['embed_dim']!r}"[:200])
         return cls(
             graphs={name: GraphEntry.from_dict(g) for name, g in d["graphs"].items()},
             files=dict(d["files"]),

@@ -4,13 +4,16 @@ before anything is loaded from it; files are reached only through :func:`fine_in
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fine_infer.bundle.manifest import MANIFEST, GraphEntry, Manifest
-from fine_infer.bundle.paths import bundle_path
+from fine_infer import _strict_json
+from fine_infer.bundle.manifest import MANIFEST, SIGNATURE, GraphEntry, Manifest
+from fine_infer.bundle.paths import bundle_path, walk_files
 from fine_infer.errors import BundleError
+
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few kB (validation records included)
+MANIFEST_DEPTH = 64
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -60,18 +63,23 @@ def read_manifest(path: str | Path) -> Manifest:
         raise BundleError(f"bundle {path}: {MANIFEST} is a symlink; a bundle holds plain files only (refusing it)")
     if not mpath.is_file():
         raise BundleError(f"{path} is not a bundle: it has no {MANIFEST} (export one with `fine-infer export`)")
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES}); refusing it")
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
+        data = _strict_json.loads(mpath.read_bytes().decode("utf-8"), MANIFEST_DEPTH)
         return Manifest.from_dict(data)
     except BundleError:
         raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{mpath} is damaged ({type(exc).__name__}: {exc}); re-export the bundle") from None
 
 
 def verify_files(path: str | Path, manifest: Manifest) -> None:
-    """Check every listed file exists and matches its sha256; raise :class:`BundleError` naming the first bad one.
-    The names were checked when the manifest was parsed; a listed file that is a symlink is refused here."""
+    """Check every listed file exists and matches its sha256, and that the folder holds nothing else; raise
+    :class:`BundleError` naming the first problem. The names were checked when the manifest was parsed; a symlink or a
+    special file anywhere in the folder is refused here. Why nothing else: a graph may name files beside it (ONNX
+    external data), which ONNX Runtime and OpenVINO read by name; only listed files are checksummed."""
     path = Path(path)
     for name, digest in manifest.files.items():
         fpath = bundle_path(path, name)
@@ -81,6 +89,12 @@ def verify_files(path: str | Path, manifest: Manifest) -> None:
             raise BundleError(
                 f"bundle {path}: {name} does not match its checksum (modified or truncated); re-export the bundle"
             )
+    listed = {*manifest.files, MANIFEST, SIGNATURE}
+    extra = [name for name in walk_files(path) if name not in listed]
+    if extra:
+        raise BundleError(f"bundle {path} holds files its manifest does not list ({', '.join(extra[:5])}"
+                          f"{', …' if len(extra) > 5 else ''}): a graph could read them unchecked; remove them or "
+                          "re-export the bundle")
 
 
 def read_bundle(path: str | Path, verify: bool = True) -> Bundle:

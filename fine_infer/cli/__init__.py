@@ -17,7 +17,7 @@ import select
 import sys
 from typing import Callable, Sequence
 
-from fine_infer.errors import FineInferError
+from fine_infer.errors import FineInferError, first_line
 
 # Command-group modules, in the order their commands are listed by --help.
 COMMAND_MODULES = ("export", "search", "demo", "eval", "deploy", "serve", "bench", "tune", "sign")
@@ -101,7 +101,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except FineInferError as exc:
         if args.debug:
             raise
-        print(f"fine-infer {args.command}: error: {exc}", file=sys.stderr)
+        # one line, whatever a library put in the message (the first line names the problem)
+        print(f"fine-infer {args.command}: error: {first_line(exc, 2000)}", file=sys.stderr)
         return 2
     except ImportError as exc:
         if args.debug:

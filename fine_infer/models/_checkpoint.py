@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fine_infer.errors import CheckpointError
+from fine_infer.errors import CheckpointError, first_line
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -30,8 +31,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused something that is not a tensor (maybe code)
+        # torch's text advises weights_only=False: never the advice for a file from elsewhere
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "global" in ln), lines[-1] if lines else "")
+        raise CheckpointError(f"checkpoint {path} is not a plain tensor checkpoint: loading it with weights_only=True "
+                              f"refused it ({why[:200]}); export its state dict to safetensors") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure is reported the same way
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -26,13 +26,13 @@ first tune format (one measurement, no rounds) go through :func:`pick`. ``fine-i
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from fine_infer import _strict_json
 from fine_infer._cpu import cpu_signature
 from fine_infer.bundle import Bundle, Manifest, read_bundle
 from fine_infer.errors import BundleError
@@ -225,13 +225,45 @@ def read_tune(bundle: Bundle) -> dict[str, Any] | None:
     if not rec:
         return None
     try:
-        data = json.loads(bundle.file(rec["file"]).read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"bundle {bundle.path}: its tune result cannot be read ({exc}); "
+        if not isinstance(rec, dict):
+            raise ValueError("its manifest record is not an object")
+        data = _strict_json.loads(bundle.file(rec["file"]).read_text(encoding="utf-8"))
+        problem = _tune_problem(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"bundle {bundle.path}: its tune result cannot be read ({str(exc)[:200]}); "
                           "run `fine-infer tune BUNDLE` again") from None
-    if data.get("kind") != TUNE_KIND:
-        raise BundleError(f"bundle {bundle.path}: {rec['file']} is not a tune result; run `fine-infer tune BUNDLE`")
+    if problem:
+        raise BundleError(f"bundle {bundle.path}: {rec['file']} is not a tune result ({problem}); "
+                          "run `fine-infer tune BUNDLE`")
     return data
+
+
+def _number(x: Any) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _tune_problem(data: Any) -> str:
+    """Why ``data`` (a file from the bundle, so from elsewhere) is not a tune result this module can read, or ""."""
+    if not isinstance(data, dict) or data.get("kind") != TUNE_KIND:
+        return f"no kind {TUNE_KIND!r}"
+    paths, sig = data.get("paths") or {}, data.get("signature") or {}
+    if not isinstance(paths, dict) or not all(isinstance(e, dict) for e in paths.values()):
+        return "paths is not an object of objects"
+    if not isinstance(sig, dict):
+        return "signature is not an object"
+    for label, e in paths.items():
+        for key in ("speedup", "gate_min_cosine"):
+            if e.get(key) is not None and not _number(e[key]):
+                return f"paths.{label}.{key} is not a number"
+        rounds = e.get("rounds")
+        if rounds is not None and not (isinstance(rounds, list) and all(_number(x) for x in rounds)):
+            return f"paths.{label}.rounds is not a list of numbers"
+        if e.get("gate_detail") is not None and not isinstance(e["gate_detail"], str):
+            return f"paths.{label}.gate_detail is not a string"
+    for key in ("choice", "reason"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key} is not a string"
+    return ""
 
 
 def auto_choice(bundle: Bundle | str | Path, capabilities: Iterable[str] | None = None) -> Choice:

@@ -23,6 +23,7 @@ FIELDS = {
     "tokenizer": lambda d, name, digest: d.__setitem__("tokenizer", name),
     "weights": lambda d, name, digest: d.__setitem__("weights", name),
     "validation.tune.file": lambda d, name, digest: d["validation"].__setitem__("tune", {"file": name}),
+    "validation.references.file": lambda d, name, digest: d["validation"].__setitem__("references", {"file": name}),
     "validation.tensorrt.timing_cache":
         lambda d, name, digest: d["validation"].__setitem__("tensorrt", {"timing_cache": name}),
 }
