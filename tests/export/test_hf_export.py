@@ -381,7 +381,7 @@ def test_a_512_token_sentence_model_exports_and_embeds_its_longest_texts(tmp_pat
     session = fine_infer.load(tmp_path / "b")
     assert session.manifest.text.max_length == 512
     texts = sample_texts(rng, 6, session.tokenizer, 512)
-    assert max(len(t) for t in texts) > 2000 and int(session.tokenize(texts)[1].sum(1).max()) > 400
+    assert int(session.tokenize(texts)[1].sum(1).max()) > 400  # texts near the 512-token limit are embedded
     _close(session.embed_texts(texts), SentenceTransformer(str(folder), device="cpu").encode(
         texts, normalize_embeddings=True))
 
