@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from fine_infer.bundle import Bundle
-from fine_infer.errors import BackendUnavailableError, BundleError
+from fine_infer.errors import BackendUnavailableError, BundleError, FineInferError, first_line
 from fine_infer.runtime.base import Runner
 from fine_infer.specs import GraphSpec
 
@@ -32,7 +32,13 @@ def model_from_bundle(bundle: Bundle):
             f"bundle {bundle.path} was exported from a user module ({m.source}); only zoo archs can run on the torch "
             "backend (use backend='onnxruntime')"
         )
-    return rebuild(m.arch, m.config or {}, bundle.file(m.weights))
+    try:
+        return rebuild(m.arch, m.config or {}, bundle.file(m.weights))
+    except FineInferError:
+        raise
+    except (TypeError, ValueError, KeyError, OverflowError, MemoryError, RuntimeError) as exc:  # a config from elsewhere
+        raise BundleError(f"bundle {bundle.path}: its config cannot build {m.arch!r} ({type(exc).__name__}: "
+                          f"{first_line(exc, 200)}); re-export the bundle") from None
 
 
 class TorchRunner(Runner):

@@ -166,3 +166,14 @@ def test_a_pickled_payload_checkpoint_is_refused_in_one_line_without_unsafe_advi
         msg = str(info.value)
         assert "\n" not in msg and "weights_only=False" not in msg and "not a plain tensor checkpoint" in msg, msg
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_config_that_cannot_build_the_model_is_a_bundle_error(copy_bundle):
+    pytest.importorskip("torch")
+    b = copy_bundle()
+    m = _manifest(b)
+    key = next(k for k, v in m["config"].items() if type(v) is int)  # an integer field of the zoo config
+    m["config"][key] = "two"
+    _rehash(b, m)
+    with pytest.raises(BundleError, match="its config cannot build"):
+        fine_infer.load(b, backend="torch").embed_images([np.zeros((32, 32, 3), np.uint8)])
