@@ -31,7 +31,11 @@ def test_references_read_back_exactly_and_a_damaged_file_is_a_bundle_error(tmp_p
     job = _job(16)
     block = write_references(tmp_path / "references.npz", [job], seed=3)
     assert block["graphs"]["image"]["batches"] == [1, 3, 8] and block["seed"] == 3
-    manifest = Manifest(graphs={"image": GraphEntry(job.spec, "image.onnx")}, files={},
+    unlisted = Manifest(graphs={"image": GraphEntry(job.spec, "image.onnx")}, files={},
+                        validation={"references": block})
+    with pytest.raises(BundleError, match="not among the bundle's checksummed files"):
+        read_references(tmp_path, unlisted)  # only a checksummed file is compared against
+    manifest = Manifest(graphs=unlisted.graphs, files={"references.npz": "(read_bundle checks the digest)"},
                         validation={"references": block})
     (got_job, samples), = read_references(tmp_path, manifest).values()
     assert got_job.module is None and [s.batch for s in samples] == [1, 3, 8]
