@@ -40,6 +40,11 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<host>[0-9a-f]{8})\.[0
 _IN_FLIGHT: set[str] = set()  # names of the temps this process is writing now (never stale, whatever its pid)
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` (a file name, no folder) has the form of a writer's temp (``.NAME.<pid>.<host>.<rand>.tmp``)."""
+    return _TEMP.match(name) is not None
+
+
 def temp_name(name: str, suffix: str = TMP, pid: int | None = None) -> str:
     """A fresh temp name for destination ``name``: ``.NAME.<pid>.<host>.<rand><suffix>`` (``pid`` default: ours)."""
     return f".{name}.{os.getpid() if pid is None else pid}.{_HOST}.{secrets.token_hex(4)}{suffix}"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fine_infer import _strict_json
+from fine_infer._atomic import is_temp_name
 from fine_infer.bundle.manifest import MANIFEST, SIGNATURE, GraphEntry, Manifest
 from fine_infer.bundle.paths import bundle_path, walk_files
 from fine_infer.errors import BundleError
@@ -92,9 +93,12 @@ def verify_files(path: str | Path, manifest: Manifest) -> None:
     listed = {*manifest.files, MANIFEST, SIGNATURE}
     extra = [name for name in walk_files(path) if name not in listed]
     if extra:
+        # a temp left by an interrupted write is refused too: a name of that form is no proof of what it holds
+        temps = all(is_temp_name(Path(name).name) for name in extra)
         raise BundleError(f"bundle {path} holds files its manifest does not list ({', '.join(extra[:5])}"
-                          f"{', …' if len(extra) > 5 else ''}): a graph could read them unchecked; remove them or "
-                          "re-export the bundle")
+                          f"{', …' if len(extra) > 5 else ''}): a graph could read them unchecked; "
+                          + ("they are temp files of an interrupted write: delete them" if temps else
+                             "remove them or re-export the bundle"))
 
 
 def read_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fine_infer._atomic import fsync_dir, in_flight, remove_stale_temps_in, temp_name
-from fine_infer.bundle.manifest import MANIFEST, SIGNATURE
+from fine_infer.bundle.manifest import SIGNATURE
 from fine_infer.bundle.paths import walk_files
 from fine_infer.bundle.reader import read_bundle, sha256_file
 from fine_infer.bundle.writer import on_commit
@@ -106,14 +106,8 @@ def sign_bundle(path: str | Path, key: str | Path, *, password: str | None = Non
     hashing, signing, _ = _library()
     check_private_key(key, password)
     folder = Path(path)
-    bundle = read_bundle(folder)
-    remove_stale_temps_in(folder)
-    listed = {*bundle.manifest.files, MANIFEST, SIGNATURE}
-    extra = [name for name in walk_files(folder) if name not in listed]
-    if extra:
-        raise BundleError(f"bundle {folder} holds files its manifest does not list ({', '.join(extra[:5])}"
-                          f"{', …' if len(extra) > 5 else ''}); a signed bundle is exactly what its manifest lists: "
-                          "remove them or re-export")
+    remove_stale_temps_in(folder)  # first: read_bundle refuses any file the manifest does not list
+    read_bundle(folder)  # names, checksums, and nothing unlisted: what is signed is exactly what load reads
     secret = password.encode() if password is not None else None  # cryptography's PEM loader takes bytes
     config = signing.Config().use_elliptic_key_signer(private_key=Path(key), password=secret) \
         .set_hashing_config(_hashing_config(hashing))

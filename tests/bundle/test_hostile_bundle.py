@@ -177,3 +177,12 @@ def test_a_config_that_cannot_build_the_model_is_a_bundle_error(copy_bundle):
     _rehash(b, m)
     with pytest.raises(BundleError, match="its config cannot build"):
         fine_infer.load(b, backend="torch").embed_images([np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_a_temp_left_by_an_interrupted_write_is_refused_with_what_to_do(copy_bundle):
+    from fine_infer._atomic import temp_name
+
+    b = copy_bundle()
+    (b / temp_name("manifest.json")).write_text("{}")  # a name of that form proves nothing about what it holds
+    with pytest.raises(BundleError, match="temp files of an interrupted write: delete them"):
+        read_bundle(b)
