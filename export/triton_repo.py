@@ -73,6 +73,7 @@ from fine_infer.specs import GraphSpec
 __all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "DEFAULT_PREFERRED", "TRITON_TYPES", "model_config", "write_triton_repo"]
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
+MARKER = ".fine-infer-triton-repo"  # in every repository written here: what --force may replace
 RAW = {"pixels": "image", "input_ids": "text", "attention_mask": "text"}  # graph input → the raw input it comes from
 SEARCH_TASKS = ("embed_text", "embed_image", "compose")
 SHIM = '''"""A Triton Python backend model written by `fine-infer triton-repo`: its code is fine_infer.serve.triton_model
@@ -218,8 +219,9 @@ def write_triton_repo(
     out = Path(out)
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and any(out.iterdir()) and not (out / "README.md").is_file():
-        raise ConfigError(f"{out} exists and is not a Triton repository written by fine-infer; refusing to replace it")
+    if out.exists() and (not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise ConfigError(f"{out} exists and is not a Triton repository written by fine-infer (no {MARKER} in it); "
+                          "refusing to replace it: choose another --out, or remove it yourself")
     if max_batch_size < 0:
         raise ConfigError("max_batch_size must be >= 0")
     if backend is not None and backend not in BACKENDS:
@@ -252,9 +254,11 @@ def write_triton_repo(
                         instances=instances, preprocess_instances=preprocess_instances, threads=threads,
                         max_batch_size=max_batch_size, delay=max_queue_delay_us)
         (tmp / "README.md").write_text(readme(b, prefix, models))
+        (tmp / MARKER).write_text("a Triton model repository written by fine-infer triton-repo; --force replaces "
+                                  "only folders holding this file\n")
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # a fresh name of our own: never a folder someone else may have called ".NAME.old"
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

@@ -37,20 +37,27 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
-def depth(value: Any) -> int:
-    """How deeply ``value`` nests dicts and lists (a scalar: 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def depth(value: Any, limit: int | None = None) -> int:
+    """How deeply ``value`` nests dicts and lists (a scalar: 0), without recursion. With ``limit``, stops as soon as
+    it is passed (so a value that contains itself, which is infinitely deep, ends the walk). A container reached
+    twice is walked once (shared parts cost nothing more)."""
+    deepest, stack, seen = 0, [(value, 1)], set()
     while stack:
         v, d = stack.pop()
         items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else None
         if items is None:
             continue
         deepest = max(deepest, d)
+        if limit is not None and deepest > limit:
+            return deepest
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
         stack.extend((x, d + 1) for x in items)
     return deepest
 
 
 def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> None:
-    """Raise :class:`ValueError` when ``value`` nests deeper than ``max_depth``."""
-    if depth(value) > max_depth:
-        raise ValueError(f"nested deeper than {max_depth} levels")
+    """Raise :class:`ValueError` when ``value`` nests deeper than ``max_depth`` (or contains itself)."""
+    if depth(value, max_depth) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels (or it contains itself)")

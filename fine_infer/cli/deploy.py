@@ -25,6 +25,8 @@ def _triple(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX integers, got {text!r}") from None
     if len(vals) != 3:
         raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX (three integers), got {text!r}")
+    if not 1 <= vals[0] <= vals[1] <= vals[2]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= OPT <= MAX, got {text!r}")
     return vals  # type: ignore[return-value]
 
 

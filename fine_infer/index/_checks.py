@@ -16,6 +16,10 @@ from fine_infer import _strict_json
 from fine_infer.errors import InputError
 from fine_infer.index._storage import SLICE
 
+#: Largest magnitude of a vector or query value: |x| * |q| * dim then stays far inside float32 for any dim an index
+#: takes (1e15 * 1e15 * 65536 < 3.4e38), so no score can overflow to inf or NaN and rank wrongly.
+MAX_ABS_VALUE = 1e15
+
 #: Largest k a search accepts (results are (queries, k) arrays; larger k is a full sort, not a top-k).
 MAX_K = 100_000
 
@@ -87,6 +91,12 @@ def as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
             count = int((~np.isfinite(out).all(axis=1)).sum())
             raise InputError(f"{what} row {row} holds {kind} at dimension {col} ({count} row(s) with non-finite "
                              "values); NaN and inf are refused")
+        big = np.abs(out[lo : lo + SLICE]) > MAX_ABS_VALUE
+        if big.any():
+            row, col = np.argwhere(big)[0]
+            raise InputError(f"{what} row {row + lo} holds {float(out[row + lo, col]):.3g} at dimension {col}: values "
+                             f"over {MAX_ABS_VALUE:.0e} in magnitude could overflow float32 scores; normalise the "
+                             "vectors (retrieval embeddings are unit rows)")
     return out
 
 

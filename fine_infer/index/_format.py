@@ -246,7 +246,8 @@ def read(path: str | Path, *, mmap: bool = False, verify: bool = True) -> IndexF
                     raise fail(path, f"section {name!r} checksum mismatch: the file was altered or is corrupt")
                 if ln == 0:
                     return np.zeros(shape, np.dtype(dt).newbyteorder("<"))
-                return np.memmap(path, dtype=np.dtype(dt).newbyteorder("<"), mode="r", offset=off, shape=shape)
+                # the open file, not the path: a save renaming a new file over the path meanwhile must not mix the two
+                return np.memmap(f, dtype=np.dtype(dt).newbyteorder("<"), mode="r", offset=off, shape=shape)
             arr = np.empty(shape, np.dtype(dt).newbyteorder("<"))
             view = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")
             f.seek(off)

@@ -26,6 +26,7 @@ from fine_infer.index._storage import DTYPES, FLOAT16_MAX, PanelStore, abs_colma
 
 #: The largest dim an index accepts (a guard against a transposed array creating a 1M-d index).
 MAX_DIM = 1 << 16
+MAX_THREADS = 1024  # the native core takes an int; more threads than this is a mistake, not a machine
 DEVICES = ("auto", "cpu", "cuda")
 #: ``device="auto"`` uses CUDA from this many vectors up: below it a device round trip costs more than it saves.
 GPU_MIN_VECTORS = 16_384
@@ -70,12 +71,17 @@ class Index:
             name = str(dtype)
         if name not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
-                                    or threads < 1):
-            raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
         self._init(int(dim), name, bool(rescore) and name != "float32", threads, device)
 
+    @staticmethod
+    def _check_threads(threads: Any) -> int | None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (numbers.Integral, np.integer))
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise ConfigError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
+        return None if threads is None else int(threads)
+
     def _init(self, dim: int, dtype: str, keep_float32: bool, threads: int | None, device: str) -> None:
+        threads = self._check_threads(threads)
         self._store = PanelStore(dim, dtype, keep_float32)
         self._ids = np.zeros(0, np.int64)  # slot -> id (capacity-sized; the first n are live)
         self._slot_of: dict[int, int] | None = {}  # id -> slot; None until needed after a load (O(n) to build)
@@ -147,7 +153,7 @@ class Index:
 
     def get_metadata(self, id: int) -> dict[str, Any] | None:
         """The metadata stored with ``id`` (a copy), or None if it has none. Unknown id: KeyError."""
-        key = int(id)
+        key = int(as_ids(id, 1, "id")[0])  # an integer: 3.7 or "x" is an InputError, never int()-converted
         with self._lock.read():
             meta = self._meta.get(key)
             if meta is None and key not in self._slots_map():
@@ -359,6 +365,8 @@ class Index:
         behind) waits for a copy, not for the disk."""
         with self._lock.read():
             try:
+                if not isinstance(self.attrs, dict) or not all(isinstance(k, str) for k in self.attrs):
+                    raise ValueError("it must be a dict with string keys")
                 _strict_json.check_depth(self.attrs)
                 meta_text = json.dumps({
                     "attrs": self.attrs,
@@ -391,7 +399,9 @@ class Index:
 
         ``mmap=True`` maps the vectors (and float32 copies) from the file instead of reading them into RAM; the
         first ``add`` / ``remove`` copies them into RAM. Checksums are verified either way: with ``mmap`` by one
-        streaming pass over the file (constant memory), skipped with ``verify=False`` for a trusted file."""
+        streaming pass over the file (constant memory), skipped with ``verify=False`` for a trusted file. A mapped
+        file must be replaced by rename (as :meth:`save` does), never truncated or rewritten in place: like any
+        memory map, reading a page cut off from under it ends the process (SIGBUS)."""
         f = _format.read(path, mmap=mmap, verify=verify)
         if f.panel != _native_search.PANEL:
             raise _format.fail(Path(path), f"panel width {f.panel}; this build uses {_native_search.PANEL}")

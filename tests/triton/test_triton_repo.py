@@ -49,7 +49,8 @@ def test_python_backend_repository_chains_preprocessing_graph_and_index(bundles,
         "ff_image": "graph", "ff_text": "graph", "ff_preprocess": "preprocess", "ff_index": "index",
         "ff_image_raw": "ensemble", "ff_text_raw": "ensemble", "ff_image_search": "ensemble",
         "ff_text_search": "ensemble"}
-    assert sorted(p.name for p in repo.iterdir()) == sorted([*models, "README.md"])  # nothing else: Triton loads all
+    # nothing else (Triton loads every folder); the marker file is what --force may replace
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*models, "README.md", ".fine-infer-triton-repo"])
     cfgs = {n: parse(repo / n / "config.pbtxt") for n in models}
     for n, cfg in cfgs.items():
         assert cfg.name == n
@@ -98,6 +99,15 @@ def test_default_repository_puts_onnxruntime_graphs_behind_the_ensembles(bundles
     assert not any(i.allow_ragged_batch for i in graph.input) and (repo / "maaf_compose" / "1" / "model.onnx").is_file()
     only = write_triton_repo(bundles["maaf"], repo, tensors_only=True, force=True)
     assert {m["kind"] for m in only.values()} == {"graph"} and not (repo / "maaf_preprocess").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo.")] == []  # the old one is gone
+    # --force replaces only what it wrote: a project folder with a README of its own is never deleted
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "README.md").write_text("# mine")
+    (project / "src" / "main.py").write_text("precious")
+    with pytest.raises(ConfigError, match="is not a Triton repository written by fine-infer"):
+        write_triton_repo(bundles["maaf"], project, force=True)
+    assert (project / "src" / "main.py").read_text() == "precious" and (project / "README.md").is_file()
     hf = write_triton_repo(bundles["clip"], tmp_path / "clip") if "clip" in bundles else {"clip_text_raw": 0}
     assert "clip_text_raw" in hf  # a Hugging Face bundle is named after its architecture (CLIPModel → clip)
 
