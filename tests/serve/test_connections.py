@@ -184,7 +184,10 @@ def test_requests_past_the_queue_cap_are_answered_429(busy_srv):
             t.start()
         seen = []
         while any(t.is_alive() for t in threads):  # until the heavy ones are answered (504 at the request timeout)
-            r = httpx.post(srv.url + "/v1/embed", json={"images": [b64(png(1))]}, timeout=DEADLINE_S)
+            # A probe refused right after admission (an empty list: 400) holds its place for microseconds; a probe
+            # that decodes an image would wait behind the heavy requests' images for a core, holding a place while
+            # the last heavy upload completes, which then got the 429 instead (seen on a loaded box)
+            r = httpx.post(srv.url + "/v1/embed", json={"images": []}, timeout=DEADLINE_S)
             seen.append(r.status_code)
             if r.status_code == 429:
                 assert r.headers["retry-after"] == "1" and r.json()["error"]["limit"] == "max_queue"
@@ -193,7 +196,7 @@ def test_requests_past_the_queue_cap_are_answered_429(busy_srv):
                 break
         for t in threads:
             t.join(DEADLINE_S)
-    assert 429 in seen and set(seen) <= {200, 429}, seen
+    assert 429 in seen and set(seen) <= {400, 429}, seen
     assert [r.status_code for r in heavy] == [504] * LIMITS.max_queue
     r = httpx.post(srv.url + "/v1/embed", json={"images": [b64(png(1))]}, timeout=DEADLINE_S)
     assert r.status_code == 200  # the queue emptied
