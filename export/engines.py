@@ -181,13 +181,13 @@ def default_profiles(
 
     ``batch`` defaults to 1/4/16 and ``sequence`` to 1/max/max (``max_seq_len``, e.g. the bundle's text length);
     ``axes`` gives ranges for other named axes. An axis without a range is a :class:`ConfigError`."""
-    ranges: dict[str, tuple[int, int, int]] = {"batch": _range("batch", batch)}
+    ranges: dict[str, tuple[int, int, int]] = {"batch": profile_range("batch", batch)}
     if sequence is not None:
-        ranges["sequence"] = _range("sequence", sequence)
+        ranges["sequence"] = profile_range("sequence", sequence)
     elif max_seq_len:
         ranges["sequence"] = (1, int(max_seq_len), int(max_seq_len))
     for name, r in (axes or {}).items():
-        ranges[name] = _range(name, r)
+        ranges[name] = profile_range(name, r)
     out: dict[str, Shapes] = {}
     for t in spec.inputs:
         lo, opt, hi = [], [], []
@@ -205,7 +205,8 @@ def default_profiles(
     return out
 
 
-def _range(name: str, values: Sequence[int]) -> tuple[int, int, int]:
+def profile_range(name: str, values: Sequence[int]) -> tuple[int, int, int]:
+    """``values`` as an optimisation profile range (MIN, OPT, MAX), or a ConfigError naming ``name``."""
     vals = tuple(int(v) for v in values)
     if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
         raise ConfigError(f"profile range for {name!r} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, "

@@ -70,7 +70,7 @@ def test_variant_errors_are_clear(variant_bundle):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     for axis in ("h=3,2,1", "h=-1,0,1"):  # a profile range must be 1 <= MIN <= OPT <= MAX
         r = _cli("lint", str(root / "b"), "--axis", axis)
-        assert r.returncode == 2 and "MIN <= OPT <= MAX" in r.stderr, r.stderr
+        assert r.returncode == 2 and "must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX" in r.stderr, r.stderr
 
 
 def test_a_failing_lint_gate_stops_the_export_and_writes_nothing(tmp_path):
