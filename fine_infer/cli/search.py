@@ -339,7 +339,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def _visible(text: str) -> str:
     """``text`` with every character a terminal would act on (escapes, carriage returns, bidi overrides...) written
-    as ``\\uXXXX``: catalogue metadata is hostile input and must not rewrite the screen or forge result lines."""
+    as a ``\\u`` escape of four hex digits: catalogue metadata is hostile input and must not rewrite the screen or
+    forge result lines."""
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 

@@ -423,7 +423,7 @@ class Index:
             bad = next((i for i, m in index._meta.items() if m is not None and not isinstance(m, dict)), None)
             if bad is not None:
                 raise ValueError(f"the metadata of id {bad} is not an object")
-            _strict_json.check_depth(index._meta, _strict_json.MAX_DEPTH + 1)
+            # (nesting was bounded when the section was parsed: _format.read)
         except (TypeError, ValueError, AttributeError) as exc:
             raise _format.fail(Path(path), f"section 'meta' has an unexpected layout ({exc})") from None
         if len(np.unique(index._ids)) != f.count:
